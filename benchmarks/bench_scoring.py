@@ -1,0 +1,284 @@
+"""Scoring throughput: records/s of the project's scoring path against a notebook-style baseline.
+
+Both paths start from the same float32 images (n, 3, S, S) in memory and end with the seed's four
+signals per record, on the same model weights, on the same device:
+
+* baseline (``naive_scoring``): fp32, batch 64, ``.cpu()`` after every batch, then a Python loop
+  over records computing softmax / entropy / modified entropy / loss with numpy and ``math``, as
+  notebook solutions typically do;
+* project (``project_scoring``): ``mia.scoring.compute_logits`` (identity view, batch 256; bf16
+  autocast + channels_last on CUDA, fp32 on the CPU) then ``mia.signals.all_signals`` (all seven
+  signals, vectorized, float64).
+
+The two are timed alternately, ``repeat`` times; the ratio is the median of per-repetition ratios.
+Model FLOPs per record come from ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts
+2), so achieved FLOP/s = FLOPs/record x records/s; on CUDA it is also given as a fraction of the
+device's peak (``peak_tflops``, 989 = H100/H200 bf16 dense by default).
+
+A second table isolates the signals: the per-record Python loop against ``all_signals`` on the same
+logits (no model), and checks that both give the same numbers.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import mia
+from benchmarks import BenchResult, Check, fmt, interleaved, markdown_table, median, pair_ratio
+from mia.checkpoints import ARCHITECTURES, build_model
+from mia.scoring import IDENTITY, compute_logits, resolve_device
+from mia.signals import all_signals
+
+MODELS_DIR = Path(mia.__file__).resolve().parents[1] / "models"
+ARCHS = ("resnet34", "vgg16", "mobilenetv2")
+CUDA_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, bf16 dense tensor cores
+CPU_WIDTHS = {"resnet34": 16, "vgg16": 16, "mobilenetv2": 16}  # the demo bundle's victims
+NAIVE_BATCH = 64
+PROJECT_BATCH = 256
+
+
+@dataclass
+class ScoringConfig:
+    """Sizes of the scoring benchmark; None fields get device-dependent defaults (``resolved``)."""
+
+    archs: tuple[str, ...] = ARCHS  # architectures to build with mia.checkpoints.build_model
+    sizes: tuple[int, ...] = (32, 64)  # image side S: inputs (n, 3, S, S)
+    n: int | None = None  # records per timed call; None: 512 on the CPU, 16384 on CUDA
+    widths: dict[str, int] | None = None  # arch -> width; None: 16 (demo victims) on CPU, paper on CUDA
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    repeat: int = 3  # timed repetitions of each path (interleaved)
+    peak_tflops: float | None = None  # device peak for the fraction column; None: 989 on CUDA, none on CPU
+    num_classes: int = 10
+    signal_n: int = 20000  # records in the signals-only comparison
+    seed: int = 0
+
+    def resolved(self) -> ScoringConfig:
+        dev = resolve_device(self.device)
+        cuda = dev.type == "cuda"
+        widths = self.widths
+        if widths is None:
+            widths = {a: ARCHITECTURES[a].default_width for a in self.archs} if cuda else dict(CPU_WIDTHS)
+        return ScoringConfig(
+            archs=tuple(self.archs),
+            sizes=tuple(self.sizes),
+            n=self.n if self.n is not None else (16384 if cuda else 512),
+            widths={a: int(widths[a]) for a in self.archs},
+            device=str(dev),
+            repeat=max(1, int(self.repeat)),
+            peak_tflops=self.peak_tflops if self.peak_tflops is not None else (CUDA_PEAK_TFLOPS if cuda else None),
+            num_classes=self.num_classes,
+            signal_n=self.signal_n,
+            seed=self.seed,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The two paths
+
+
+def naive_record_signals(z: np.ndarray, y: int) -> tuple[float, float, float, float]:
+    """One record, notebook style: logits (C,) and its label -> (confidence, -entropy, -Mentr, -loss)."""
+    z = z.astype(np.float64)
+    e = np.exp(z - z.max())
+    p = e / e.sum()
+    py = float(p[y])
+    entropy = -sum(float(pi) * math.log(pi) for pi in p if pi > 0)
+    mentr = -(1.0 - py) * math.log(max(py, 1e-300)) - sum(
+        float(p[i]) * math.log(max(1.0 - float(p[i]), 1e-300)) for i in range(len(p)) if i != y
+    )
+    loss = -math.log(max(py, 1e-300))
+    return py, -entropy, -mentr, -loss
+
+
+def naive_signals(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """logits (n, C), labels (n,) -> the seed's four signals, one Python loop iteration per record."""
+    rows = [naive_record_signals(z, int(y)) for z, y in zip(logits, labels)]
+    cols = np.array(rows, dtype=np.float64).reshape(-1, 4)
+    return dict(zip(("confidence", "neg_entropy", "neg_modified_entropy", "neg_loss"), cols.T))
+
+
+def naive_scoring(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device,
+                  batch_size: int = NAIVE_BATCH) -> dict[str, np.ndarray]:
+    """The baseline: fp32 batches of 64, ``.cpu()`` per batch, signals per record in Python.
+
+    images (n, C, H, W) float32, labels (n,) -> {signal: (n,) float64}.
+    """
+    model.eval()
+    out: list[dict[str, np.ndarray]] = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[start : start + batch_size]).to(device)
+            logits = model(x).cpu().numpy()
+            out.append(naive_signals(logits, labels[start : start + batch_size]))
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+def project_scoring(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device,
+                    batch_size: int = PROJECT_BATCH) -> dict[str, np.ndarray]:
+    """The project: compute_logits (identity view) + all_signals. -> {signal: (n,) float64}."""
+    logits = compute_logits(model, images, (IDENTITY,), device=device, batch_size=batch_size)
+    return all_signals(logits[0], labels)
+
+
+def flops_per_record(model: torch.nn.Module, size: int, channels: int = 3) -> float:
+    """Forward FLOPs of one (channels, size, size) record (multiply-add = 2), counted on the CPU."""
+    m = copy.deepcopy(model).cpu().float().eval()
+    x = torch.zeros(2, channels, size, size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        m(x)
+    return counter.get_total_flops() / 2
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmarks
+
+
+def _measure_model(arch: str, size: int, cfg: ScoringConfig, dev: torch.device) -> dict:
+    width = cfg.widths[arch]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model, _ = build_model(arch, cfg.num_classes, width, [MODELS_DIR])
+    naive_model = copy.deepcopy(model).to(dev).eval()  # compute_logits changes its model's layout on CUDA
+    flops = flops_per_record(model, size)
+    rng = np.random.default_rng(cfg.seed)
+    images = rng.standard_normal((cfg.n, 3, size, size), dtype=np.float32)
+    labels = rng.integers(0, cfg.num_classes, cfg.n).astype(np.int64)
+
+    def run_naive():
+        _sync(dev)
+        out = naive_scoring(naive_model, images, labels, dev)
+        _sync(dev)
+        return out
+
+    def run_project():
+        _sync(dev)
+        out = project_scoring(model, images, labels, dev)
+        _sync(dev)
+        return out
+
+    # Warm-up (kernel selection, allocator, lazy imports) on a slice, not timed.
+    warm = min(cfg.n, PROJECT_BATCH)
+    naive_scoring(naive_model, images[:warm], labels[:warm], dev)
+    project_scoring(model, images[:warm], labels[:warm], dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    times = interleaved({"naive": run_naive, "project": run_project}, cfg.repeat)
+    row = {
+        "arch": arch,
+        "width": width,
+        "size": size,
+        "n": cfg.n,
+        "device": str(dev),
+        "flops_per_record": flops,
+        "naive_seconds": times["naive"]["wall"],
+        "project_seconds": times["project"]["wall"],
+        "naive_cpu_seconds": times["naive"]["cpu"],
+        "project_cpu_seconds": times["project"]["cpu"],
+        "naive_records_per_s": cfg.n / median(times["naive"]["wall"]),
+        "project_records_per_s": cfg.n / median(times["project"]["wall"]),
+        "speedup": pair_ratio(times, "naive", "project", "wall"),
+        "speedup_cpu_time": pair_ratio(times, "naive", "project", "cpu"),
+    }
+    for path in ("naive", "project"):
+        achieved = flops * row[f"{path}_records_per_s"]
+        row[f"{path}_tflops"] = achieved / 1e12
+        row[f"{path}_peak_fraction"] = achieved / (cfg.peak_tflops * 1e12) if cfg.peak_tflops else None
+    if dev.type == "cuda":
+        row["cuda_max_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return row
+
+
+def _measure_signals(cfg: ScoringConfig) -> dict:
+    """Signals alone, from the same logits: the per-record loop vs all_signals."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    n = cfg.signal_n
+    logits = (3.0 * rng.standard_normal((n, cfg.num_classes))).astype(np.float32)
+    labels = rng.integers(0, cfg.num_classes, n).astype(np.int64)
+    naive = naive_signals(logits, labels)
+    fast = all_signals(logits, labels)
+    max_rel = max(float(np.max(np.abs(naive[k] - fast[k]) / np.maximum(1.0, np.abs(fast[k])))) for k in naive)
+    times = interleaved({"naive": lambda: naive_signals(logits, labels),
+                         "project": lambda: all_signals(logits, labels)}, cfg.repeat)
+    return {
+        "n": n,
+        "classes": cfg.num_classes,
+        "naive_cpu_seconds": times["naive"]["cpu"],
+        "project_cpu_seconds": times["project"]["cpu"],
+        "naive_records_per_s": n / median(times["naive"]["cpu"]),
+        "project_records_per_s": n / median(times["project"]["cpu"]),
+        "speedup": pair_ratio(times, "naive", "project", "cpu"),
+        "max_relative_difference": max_rel,
+    }
+
+
+def run(config: ScoringConfig | None = None, log=print) -> BenchResult:
+    """Measure every (arch, size) and the signals alone; returns tables and the CPU target check."""
+    cfg = (config or ScoringConfig()).resolved()
+    dev = torch.device(cfg.device)
+    rows = []
+    for arch in cfg.archs:
+        for size in cfg.sizes:
+            log(f"scoring: {arch} width {cfg.widths[arch]} at {size}x{size}, {cfg.n} records x {cfg.repeat}")
+            rows.append(_measure_model(arch, size, cfg, dev))
+    sig_row = _measure_signals(cfg)
+
+    cuda = dev.type == "cuda"
+    headers = ["arch (width)", "input", "MFLOP/record", "baseline rec/s", "project rec/s", "speedup (CPU-time)",
+               "baseline TFLOP/s", "project TFLOP/s"]
+    if cfg.peak_tflops:
+        headers += ["baseline % peak", "project % peak"]
+    if cuda:
+        headers += ["project peak GPU MiB"]
+    table_rows = []
+    for r in rows:
+        cells = [f"{r['arch']} ({r['width']})", f"{r['size']}x{r['size']}", fmt(r["flops_per_record"] / 1e6),
+                 fmt(r["naive_records_per_s"]), fmt(r["project_records_per_s"]),
+                 f"{r['speedup']:.2f}x ({r['speedup_cpu_time']:.2f}x)",
+                 fmt(r["naive_tflops"]), fmt(r["project_tflops"])]
+        if cfg.peak_tflops:
+            cells += [f"{100 * r['naive_peak_fraction']:.2f}%", f"{100 * r['project_peak_fraction']:.2f}%"]
+        if cuda:
+            cells += [fmt(r["cuda_max_memory_mib"])]
+        table_rows.append(cells)
+    precision = "bf16 autocast, channels_last" if cuda else "fp32"
+    model_table = (
+        f"### Scoring throughput on {dev} ({cfg.n} records, median of {cfg.repeat} interleaved runs)\n\n"
+        f"baseline: fp32, batch {NAIVE_BATCH}, `.cpu()` per batch, 4 signals per record in Python; "
+        f"project: `compute_logits` (identity view, batch {PROJECT_BATCH}, {precision}) + `all_signals` (7 signals)"
+        + (f"; peak {cfg.peak_tflops:g} TFLOP/s" if cfg.peak_tflops else "") + ".\n\n"
+        + markdown_table(headers, table_rows)
+    )
+    sig_table = (
+        f"### Signals from logits alone ({sig_row['n']} records x {sig_row['classes']} classes, "
+        f"single-threaded, CPU time, median of {cfg.repeat})\n\n"
+        + markdown_table(
+            ["path", "records/s", "speedup"],
+            [["per-record Python loop (4 signals)", fmt(sig_row["naive_records_per_s"]), "1x"],
+             ["`all_signals` (7 signals)", fmt(sig_row["project_records_per_s"]), f"{sig_row['speedup']:.0f}x"]],
+        )
+        + f"\n\nmax relative difference between the two on the shared signals: {sig_row['max_relative_difference']:.1e}"
+    )
+    checks = []
+    if not cuda:
+        slowest = min(rows, key=lambda r: r["speedup"])
+        checks.append(Check(
+            "on CPU, project scoring at least as fast as the naive baseline",
+            f"speedup {min(r['speedup'] for r in rows):.2f}x (worst: {slowest['arch']} {slowest['size']}x{slowest['size']})"
+            f" .. {max(r['speedup'] for r in rows):.2f}x",
+            all(r["speedup"] >= 1.0 for r in rows),
+        ))
+    settings = asdict(cfg)
+    return BenchResult("scoring", rows + [{"signals_only": sig_row}], [model_table, sig_table], checks,
+                       settings=settings)

@@ -1,0 +1,206 @@
+"""The challenge workflow: load -> score -> choose -> predict, per victim and task.
+
+``run`` does all of it for a bundle and returns a RunResult; ``mia.submission.write_run`` writes it.
+The notebook calls the same steps one by one (``score_victim``, ``attack_victim``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mia import attacks
+from mia.bundle import Bundle, Victim, discover
+from mia.checkpoints import VictimModelInfo, load_victim_model
+from mia.config import RunConfig, TaskConfig
+from mia.data import Records, load_records
+from mia.errors import DataError, MIAError
+from mia.scoring import VIEW_SETS, cached_logits, compute_logits
+from mia.thresholds import Sweep, sweep
+
+
+@dataclass
+class VictimData:
+    """A victim's records and the logits of its model on them under every query view."""
+
+    victim: Victim
+    info: VictimModelInfo
+    eval: Records
+    test: Records
+    answers: np.ndarray | None  # (n_test,) int64 test membership when the bundle has an answer key
+    view_names: list[str]
+    eval_logits: np.ndarray  # (V, n_eval, classes) float32
+    test_logits: np.ndarray  # (V, n_test, classes) float32
+    cache_hits: int  # how many of the two logit arrays came from the cache
+    seconds: float  # wall time of loading and scoring
+
+    def posterior(self, split: str) -> dict[str, np.ndarray]:
+        """Signals for posterior access on 'eval' or 'test'."""
+        recs, logits = (self.eval, self.eval_logits) if split == "eval" else (self.test, self.test_logits)
+        return attacks.posterior_features(logits, recs.labels, self.view_names)
+
+    def predicted_labels(self, split: str) -> np.ndarray:
+        """(V, n) int64 predicted labels: all that a label-only attacker gets to see."""
+        logits = self.eval_logits if split == "eval" else self.test_logits
+        return logits.argmax(axis=-1).astype(np.int64)
+
+    def label_only(self, split: str) -> dict[str, np.ndarray]:
+        recs = self.eval if split == "eval" else self.test
+        return attacks.label_only_features(self.predicted_labels(split), recs.labels)
+
+    def model_accuracy(self) -> dict:
+        """The victim's classification accuracy on eval members / non-members (identity view)."""
+        pred = self.eval_logits[0].argmax(-1)
+        correct = pred == self.eval.labels
+        m = self.eval.membership == 1
+        return {"members": float(correct[m].mean()), "non_members": float(correct[~m].mean())}
+
+
+def load_answers(victim: Victim, n_test: int) -> np.ndarray | None:
+    """The answer key (test membership) if the bundle has one, validated against the test file."""
+    if victim.answers_path is None:
+        return None
+    try:
+        ans = np.load(victim.answers_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"unreadable answer key ({e})", victim.answers_path) from e
+    if ans.ndim != 1 or len(ans) != n_test:
+        raise DataError(f"answer key has shape {ans.shape}, expected ({n_test},) like the test file", victim.answers_path)
+    if not np.isin(ans, (0, 1)).all():
+        raise DataError("answer key values must be 0 or 1", victim.answers_path)
+    return ans.astype(np.int64)
+
+
+def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress: bool = True) -> VictimData:
+    """Load the victim's model and records and compute (or fetch from the cache) their logits."""
+    t0 = time.perf_counter()
+    model, info = load_victim_model(victim.arch, victim.checkpoint, bundle.arch_dirs, trust=config.trust_checkpoints)
+    eval_recs = load_records(victim.eval_path, with_membership=True, num_classes=info.num_classes)
+    test_recs = load_records(victim.test_path, with_membership=False, num_classes=info.num_classes)
+    if eval_recs.images.shape[1:] != test_recs.images.shape[1:]:
+        raise DataError(f"test images are {test_recs.images.shape[1:]} but eval images are "
+                        f"{eval_recs.images.shape[1:]}", victim.test_path)
+    answers = load_answers(victim, len(test_recs))
+    views = VIEW_SETS[config.views]
+    cache_dir = bundle.root / ".cache" / "logits" if config.cache else None
+    hits = 0
+    out = {}
+    for split, recs in (("eval", eval_recs), ("test", test_recs)):
+        def compute(recs=recs, split=split):
+            try:
+                return compute_logits(model, recs.images, views, device=config.device, batch_size=config.batch_size,
+                                      progress=f"{victim.name} {split}" if progress else False)
+            except RuntimeError as e:  # shape errors from the model itself
+                raise MIAError(f"{victim.name}: the model failed on {split} images of shape "
+                               f"{recs.images.shape[1:]}: {e}") from e
+        logits, hit = cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file),
+                                    f"{victim.name}-{split}", views, compute)
+        hits += hit
+        if logits.shape[-1] != info.num_classes:
+            raise MIAError(f"{victim.name}: model outputs {logits.shape[-1]} classes, weights say {info.num_classes}")
+        out[split] = logits
+    return VictimData(victim, info, eval_recs, test_recs, answers, [v.name for v in views], out["eval"], out["test"],
+                      hits, time.perf_counter() - t0)
+
+
+@dataclass
+class TaskOutcome:
+    """The attack used for one task on one victim, and the seed's method as the baseline."""
+
+    task: TaskConfig
+    victim: str
+    used: attacks.Selection  # what the submission's predictions come from
+    seed: attacks.Selection  # the seed's method on the same records
+    curves: dict[str, Sweep]  # accuracy-vs-threshold on eval for each single-signal candidate
+    eval_membership: np.ndarray  # (n_eval,)
+    eval_labels: np.ndarray  # (n_eval,)
+    eval_features: dict[str, np.ndarray]  # the features the attacks saw on eval (for figures)
+    answers: np.ndarray | None  # (n_test,) when known
+
+    @property
+    def file_name(self) -> str:
+        return f"task{self.task.task}_{self.victim}.npy"
+
+
+def attack_victim(data: VictimData, config: RunConfig) -> list[TaskOutcome]:
+    """Choose and apply an attack for every configured task of one victim."""
+    m_eval = data.eval.membership
+    outcomes = []
+    for task in config.tasks:
+        if task.access == "posterior":
+            ev, te = data.posterior("eval"), data.posterior("test")
+            seed_cands = attacks.SEED_POSTERIOR
+            strong_cands = attacks.strong_posterior_candidates(list(ev))
+        else:
+            ev, te = data.label_only("eval"), data.label_only("test")
+            seed_cands = attacks.SEED_LABEL_ONLY
+            strong_cands = attacks.strong_label_only_candidates(list(ev))
+        common = dict(k=config.folds, seed=config.seed, min_class_count=config.min_class_count,
+                      test_membership=data.answers)
+        seed_sel = attacks.select(seed_cands, ev, data.eval.labels, m_eval, te, data.test.labels,
+                                  selection="in_sample", **common)
+        used = seed_sel
+        if config.method == "strong":
+            used = attacks.select(strong_cands, ev, data.eval.labels, m_eval, te, data.test.labels,
+                                  selection="cv", **common)
+        curves = {name: sweep(values, m_eval) for name, values in ev.items()}
+        outcomes.append(TaskOutcome(task, data.victim.name, used, seed_sel, curves, m_eval, data.eval.labels, ev,
+                                    data.answers))
+    return outcomes
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced, before or after it is written."""
+
+    bundle: Bundle
+    config: RunConfig
+    victims: dict[str, VictimData] = field(default_factory=dict)
+    outcomes: list[TaskOutcome] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # victim name -> error message
+    seconds: float = 0.0
+
+
+def run(bundle: Bundle | str | Path, config: RunConfig | None = None, *, progress: bool = True,
+        log=print) -> RunResult:
+    """Score and attack every victim of ``bundle``. Writes nothing (see mia.submission.write_run).
+
+    A failing victim raises, unless ``config.keep_going``: then it is recorded in ``failures`` and
+    the other victims are finished.
+    """
+    config = config or RunConfig()
+    t0 = time.perf_counter()
+    wanted = list(config.victims) if config.victims is not None else None
+    if not isinstance(bundle, Bundle):
+        bundle = discover(bundle, strict=not config.keep_going, victims=wanted)
+    elif wanted is not None:
+        missing = sorted(set(wanted) - {v.name for v in bundle.victims})
+        if missing:
+            raise MIAError(f"{bundle.root}: no victim named {', '.join(missing)}")
+        bundle = Bundle(bundle.root, [v for v in bundle.victims if v.name in wanted], bundle.arch_dirs,
+                        bundle.problems)
+    result = RunResult(bundle, config)
+    for i, problem in enumerate(bundle.problems, 1):
+        log(f"warning: {problem}")
+        result.failures[f"bundle problem {i}"] = problem
+    for path in bundle.architecture_files().values():
+        log(f"architecture code imported: {path}")
+    for victim in bundle.victims:
+        try:
+            data = score_victim(victim, bundle, config, progress=progress)
+            outcomes = attack_victim(data, config)
+        except MIAError as e:
+            if not config.keep_going:
+                raise
+            log(f"error: {victim.name}: {e}")
+            result.failures[victim.name] = str(e)
+            continue
+        result.victims[victim.name] = data
+        result.outcomes.extend(outcomes)
+        cached = " (logits from cache)" if data.cache_hits == 2 else ""
+        log(f"{victim.name}: {len(data.eval)} eval + {len(data.test)} test records, {len(data.view_names)} views, "
+            f"scored in {data.seconds:.1f}s{cached}")
+    result.seconds = time.perf_counter() - t0
+    return result

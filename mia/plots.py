@@ -1,0 +1,162 @@
+"""Figures. Each function returns a matplotlib Figure; saving is separate (``save_figure``).
+
+* ``accuracy_vs_threshold``: the seed's figure, eval accuracy of "member iff signal >= t" against t,
+  one panel per signal, the chosen threshold marked.
+* ``roc``: ROC curves of the candidates on linear and log-log axes (TPR at low FPR is what matters).
+* ``histogram``: the chosen attack's scores on eval, members against non-members.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from mia.metrics import roc_curve
+from mia.thresholds import Sweep
+
+# Figures are built with matplotlib's object API (no pyplot): no GUI backend, no global figure
+# registry to leak into, the same output headless and in a notebook (``display(fig)`` there).
+
+
+def _subplots(rows: int = 1, cols: int = 1, figsize=(6, 4), squeeze: bool = True):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
+
+
+def _finite_curve(s: Sweep) -> tuple[np.ndarray, np.ndarray]:
+    """The sweep without its +-inf end points (they are 'all members' / 'no members')."""
+    keep = np.isfinite(s.thresholds)
+    return s.thresholds[keep], s.accuracies[keep]
+
+
+def accuracy_vs_threshold(curves: dict[str, Sweep], title: str = "", chosen: str | None = None) -> Figure:
+    """One panel per signal: eval accuracy against threshold; the best threshold marked."""
+    names = list(curves)
+    cols = min(4, max(1, len(names)))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = _subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        s = curves[name]
+        t, a = _finite_curve(s)
+        if len(t) > 1:
+            ax.plot(t, a, lw=1.2, color="C0")
+        elif len(t) == 1:
+            ax.plot(t, a, "o", color="C0")
+        if math.isfinite(s.best_threshold):
+            ax.axvline(s.best_threshold, color="C3", ls="--", lw=0.8)
+        ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+        bold = "bold" if name == chosen else "normal"
+        ax.set_title(f"{name}\nbest {s.best_accuracy:.3f} at {s.best_threshold:.3g}", fontsize=8, fontweight=bold)
+        ax.set_xlabel("threshold (member if signal >= t)", fontsize=7)
+        ax.set_ylabel("eval accuracy", fontsize=7)
+        ax.tick_params(labelsize=7)
+        if name.endswith("lsc") or name in ("logit_scaled_confidence", "hinge", "neg_loss"):
+            ax.set_xscale("symlog", linthresh=1.0)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def roc(scores: dict[str, np.ndarray], membership: np.ndarray, title: str = "", chosen: str | None = None) -> Figure:
+    """ROC of each scored attack, linear axes left, log-log right (the diagonal is chance)."""
+    fig, (lin, log) = _subplots(1, 2, figsize=(10, 4.2))
+    n_neg = int((np.asarray(membership) == 0).sum())
+    for i, (name, s) in enumerate(scores.items()):
+        fpr, tpr = roc_curve(s, membership)
+        lw, z = (2.0, 3) if name == chosen else (1.0, 2)
+        for ax in (lin, log):
+            ax.plot(fpr, tpr, lw=lw, zorder=z, label=name if ax is lin else None, color=f"C{i % 10}")
+    for ax in (lin, log):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.6, ls=":")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+    floor = 1.0 / max(n_neg, 1)
+    log.set_xscale("log")
+    log.set_yscale("log")
+    log.set_xlim(floor / 2, 1)
+    log.set_ylim(floor / 2, 1)
+    log.set_title("log-log: the low-FPR regime")
+    lin.set_title("linear")
+    lin.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def histogram(scores: np.ndarray, membership: np.ndarray, threshold: float | None = None, title: str = "",
+              bins: int = 50) -> Figure:
+    """Members against non-members on one score; the decision threshold as a dashed line."""
+    scores = np.asarray(scores, dtype=np.float64)
+    membership = np.asarray(membership)
+    finite = np.isfinite(scores)
+    fig, ax = _subplots(figsize=(5.5, 3.6))
+    if finite.any():
+        edges = np.histogram_bin_edges(scores[finite], bins=bins)
+        for cls, label, color in ((0, "non-members", "C0"), (1, "members", "C3")):
+            ax.hist(scores[finite & (membership == cls)], bins=edges, alpha=0.55, label=label, color=color)
+    if threshold is not None and math.isfinite(threshold):
+        ax.axvline(threshold, color="black", ls="--", lw=1, label="threshold")
+    ax.set_xlabel("attack score (larger = more likely member)")
+    ax.set_ylabel("eval records")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Save as PNG atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, metadata={"Software": None})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def outcome_figures(outcome, max_roc_lines: int = 6) -> dict[str, Figure]:
+    """The three figures of one task on one victim (a TaskOutcome), computed on eval."""
+    sel = outcome.used
+    label = f"task {outcome.task.task} ({outcome.task.access}) - {outcome.victim}"
+    figs = {"accuracy_vs_threshold": accuracy_vs_threshold(
+        outcome.curves, f"{label}: eval accuracy vs threshold", chosen=sel.fitted.candidate.signal)}
+    # ROC: the chosen attack, the seed's, and the best other candidates by (CV) accuracy
+    ranked = sorted(sel.candidates, key=lambda c: -(c.cv or c.eval)["accuracy"])
+    names = [sel.chosen] + [c.name for c in ranked if c.name != sel.chosen][: max_roc_lines - 2]
+    scores = {n: sel.fitted_all[n].score(outcome.eval_features, outcome.eval_labels) for n in names}
+    scores[f"seed: {outcome.seed.chosen}"] = outcome.seed.eval_scores
+    figs["roc"] = roc(scores, outcome.eval_membership, f"{label}: ROC on eval (in-sample fits)", chosen=sel.chosen)
+    threshold = 0.0 if sel.fitted.candidate.kind == "class" else sel.fitted.threshold
+    figs["histogram"] = histogram(sel.eval_scores, outcome.eval_membership, threshold,
+                                  f"{label}: {sel.chosen} on eval")
+    return figs
+
+
+def save_run_plots(result, folder: str | Path) -> dict[str, Path]:
+    """Write the figures of every victim and access level as ``<folder>/<victim>_<access>_<kind>.png``.
+
+    Tasks with the same access level get the same attack on the same records, so they share figures.
+    """
+    folder = Path(folder)
+    written = {}
+    done = set()
+    for o in result.outcomes:
+        key = (o.victim, o.task.access)
+        if key in done:
+            continue
+        done.add(key)
+        for kind, fig in outcome_figures(o).items():
+            name = f"{o.victim}_{o.task.access}_{kind}.png"
+            written[f"plots/{name}"] = save_figure(fig, folder / name)
+    return written

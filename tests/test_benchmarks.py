@@ -1,0 +1,189 @@
+"""Smoke tests of the benchmarks at toy sizes: they run, their results have the promised structure,
+and the exact sweep agrees with brute force. No timing assertions (timings are the benchmarks' job)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import BenchResult, Check, calls_per_sample, fmt, interleaved, markdown_table, pair_ratio
+from benchmarks.__main__ import main as bench_main
+from benchmarks.bench_scoring import ScoringConfig, naive_signals
+from benchmarks.bench_scoring import run as run_scoring
+from benchmarks.bench_sweep import SweepConfig, tied_scores
+from benchmarks.bench_sweep import run as run_sweep
+from mia.signals import all_signals
+from mia.thresholds import brute_force_sweep, sweep
+
+TOY_WIDTHS = {"resnet34": 4, "vgg16": 4, "mobilenetv2": 4}
+
+
+def _quiet(*_):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def test_markdown_table_and_fmt():
+    assert markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
+    assert fmt(None) == "n/a"
+    assert fmt(12345) == "12,345"
+    assert fmt(0.000123456) == "0.000123"
+    assert fmt(4321.7) == "4,322"
+
+
+def test_interleaved_counts_every_call_and_ratio():
+    calls = {"a": 0, "b": 0}
+
+    def bump(name):
+        calls[name] += 1
+
+    times = interleaved({"a": lambda: bump("a"), "b": lambda: bump("b")}, repeat=3, calls={"b": 4})
+    assert calls == {"a": 3, "b": 12}
+    assert set(times) == {"a", "b"} and all(len(times[k][c]) == 3 for k in times for c in ("wall", "cpu"))
+    fake = {"slow": {"wall": [4.0, 6.0, 9.0]}, "fast": {"wall": [1.0, 2.0, 3.0]}}
+    assert pair_ratio(fake, "slow", "fast") == 3.0  # median of 4, 3, 3
+    assert calls_per_sample(lambda: None, min_seconds=0.0) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep
+
+
+def test_tied_scores_have_ties_and_half_members():
+    scores, membership = tied_scores(2000, seed=1)
+    assert scores.shape == membership.shape == (2000,)
+    assert np.unique(scores).size < 2000  # ties
+    assert membership.sum() == 1000
+
+
+@pytest.mark.parametrize("n", [1, 7, 500])
+def test_exact_sweep_matches_brute_force_on_tied_scores(n):
+    scores, membership = tied_scores(n, seed=n)
+    exact, brute = sweep(scores, membership), brute_force_sweep(scores, membership)
+    assert exact.best_accuracy == brute.best_accuracy
+    assert exact.best_threshold == brute.best_threshold
+    np.testing.assert_array_equal(exact.accuracies, brute.accuracies)
+
+
+def test_sweep_benchmark_full_and_extrapolated():
+    full = run_sweep(SweepConfig(sizes=(300, 2000), repeat=1, brute_force_cap_s=60.0), log=_quiet)
+    assert isinstance(full, BenchResult) and full.name == "sweep"
+    assert [r["n"] for r in full.rows] == [300, 2000]
+    for r in full.rows:
+        assert not r["brute_force_extrapolated"]
+        assert r["same_best_accuracy"] and r["same_accuracy_at_every_candidate_checked"]
+        assert r["best_accuracy"] == r["brute_force_best_accuracy"]
+        assert r["grid_best_accuracy"] <= r["best_accuracy"]
+        assert math.isclose(r["grid_accuracy_loss_pp"], 100 * (r["best_accuracy"] - r["grid_best_accuracy"]))
+        for key in ("sweep_cpu_seconds", "brute_force_wall_seconds", "speedup_vs_brute_force_cpu",
+                    "speedup_vs_grid_wall"):
+            assert r[key] > 0
+    assert full.checks == []  # the n = 1e4 target is only judged when n = 1e4 is measured
+    assert "| 2,000 |" in full.tables[0]
+
+    capped = run_sweep(SweepConfig(sizes=(10_000,), repeat=1, brute_force_cap_s=0.0, subset=50), log=_quiet)
+    (r,) = capped.rows
+    assert r["brute_force_extrapolated"] and r["brute_force_candidates_timed"] <= 51
+    assert r["same_best_accuracy"] and r["brute_force_best_accuracy"] == r["best_accuracy"]
+    assert "extrapolated" in capped.tables[0]
+    (check,) = capped.checks
+    assert isinstance(check, Check) and isinstance(check.passed, bool) and "extrapolated" in check.measured
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def test_naive_signals_hand_computed():
+    # logits [0, 0], label 0: p = (1/2, 1/2); all four seed signals are -log 2 except confidence 1/2.
+    out = naive_signals(np.zeros((1, 2), dtype=np.float32), np.array([0]))
+    assert out["confidence"][0] == pytest.approx(0.5)
+    for name in ("neg_entropy", "neg_modified_entropy", "neg_loss"):
+        assert out[name][0] == pytest.approx(-math.log(2))
+
+
+def test_naive_signals_agree_with_all_signals():
+    rng = np.random.default_rng(0)
+    logits = 4 * rng.standard_normal((50, 10))
+    labels = rng.integers(0, 10, 50)
+    naive, fast = naive_signals(logits, labels), all_signals(logits, labels)
+    for name, values in naive.items():
+        np.testing.assert_allclose(values, fast[name], rtol=1e-10, atol=1e-12)
+
+
+def test_scoring_benchmark_toy():
+    cfg = ScoringConfig(sizes=(32, 64), n=6, widths=TOY_WIDTHS, device="cpu", repeat=1, signal_n=100)
+    res = run_scoring(cfg, log=_quiet)
+    assert res.name == "scoring"
+    model_rows = [r for r in res.rows if "arch" in r]
+    assert [(r["arch"], r["size"]) for r in model_rows] == [(a, s) for a in ("resnet34", "vgg16", "mobilenetv2")
+                                                            for s in (32, 64)]
+    for r in model_rows:
+        assert r["width"] == 4 and r["n"] == 6
+        assert r["flops_per_record"] > 0 and r["naive_records_per_s"] > 0 and r["project_records_per_s"] > 0
+        assert r["speedup"] > 0 and r["naive_peak_fraction"] is None  # no peak on CPU by default
+    # 64x64 costs about 4x the FLOPs of 32x32 (adaptive pooling, same weights)
+    for a, b in zip(model_rows[::2], model_rows[1::2]):
+        assert 3.0 < b["flops_per_record"] / a["flops_per_record"] < 5.0
+    sig = res.rows[-1]["signals_only"]
+    assert sig["n"] == 100 and sig["max_relative_difference"] < 1e-10
+    assert len(res.tables) == 2 and "resnet34 (4)" in res.tables[0]
+    (check,) = res.checks
+    assert isinstance(check.passed, bool)
+
+
+def test_scoring_peak_fraction_when_peak_given():
+    cfg = ScoringConfig(archs=("vgg16",), sizes=(32,), n=4, widths={"vgg16": 4}, device="cpu", repeat=1,
+                        signal_n=20, peak_tflops=1.0)
+    (row,) = [r for r in run_scoring(cfg, log=_quiet).rows if "arch" in r]
+    assert row["project_peak_fraction"] == pytest.approx(row["project_tflops"] / 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end and the CLI
+
+
+def test_end_to_end_on_tiny_bundle(tiny_bundle):
+    from benchmarks.bench_end_to_end import EndToEndConfig
+    from benchmarks.bench_end_to_end import run as run_e2e
+
+    before = sorted(p.relative_to(tiny_bundle) for p in tiny_bundle.rglob("*"))
+    res = run_e2e(EndToEndConfig(bundle=tiny_bundle, device="cpu", repeat=1, subprocess=True), log=_quiet)
+    assert sorted(p.relative_to(tiny_bundle) for p in tiny_bundle.rglob("*")) == before  # source untouched
+    in_process = [r for r in res.rows if r.get("where") == "in-process"]
+    assert [r["mode"] for r in in_process] == ["cold", "warm"]
+    cold, warm = in_process
+    assert cold["victims"] == warm["victims"] == 3
+    assert cold["cache_hits"] == 0 and warm["cache_hits"] == 6
+    assert warm["files_written"] == cold["files_written"] == 3 * 3 + 1  # 3 tasks x 3 victims + result.json
+    children = [r for r in res.rows if r.get("where") == "child"]
+    assert [c["mode"] for c in children] == ["imports only", "cold", "warm"]
+    assert all(c["seconds"] > 0 and c["peak_rss_mib"] > 0 for c in children)
+    (check,) = res.checks
+    assert check.passed in (True, False)
+    assert "`python -m mia run`" in res.tables[0]
+
+
+def test_cli_sweep_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_main(["--only", "sweep", "--tiny", "--repeat", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "## Machine" in text and "### Threshold sweep" in text and "## Targets" in text
+    doc = json.loads(out.read_text())
+    assert set(doc["benchmarks"]) == {"sweep"}
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["torch"]
+    rows = doc["benchmarks"]["sweep"]["rows"]
+    assert [r["n"] for r in rows] == [1_000, 10_000]
+    assert all(r["same_best_accuracy"] for r in rows)
+    (check,) = doc["benchmarks"]["sweep"]["checks"]
+    assert check["target"].startswith("exact sweep >= 100x")
+
+
+def test_cli_rejects_unknown_benchmark():
+    with pytest.raises(SystemExit):
+        bench_main(["--only", "sweeps"])

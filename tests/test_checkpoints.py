@@ -1,0 +1,341 @@
+"""mia.checkpoints: safe loading, wrappers, inference of class count and width, key checks."""
+from __future__ import annotations
+
+import pickle
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mia.checkpoints import (
+    ARCHITECTURES,
+    REPO_ARCH_DIR,
+    build_model,
+    import_architecture_file,
+    infer_num_classes,
+    infer_width,
+    load_state_dict,
+    load_victim_model,
+    save_checkpoint,
+)
+from mia.errors import ArchitectureError, CheckpointError
+
+ARCHS = list(ARCHITECTURES)
+DIRS = [REPO_ARCH_DIR]
+
+
+@pytest.fixture(autouse=True)
+def _seeded_single_thread():
+    """Seed torch and restore its RNG afterwards; one thread (tiny models, often a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tiny(arch: str, num_classes: int = 7, width: int = 8) -> torch.nn.Module:
+    """A small model with non-trivial BatchNorm statistics, in eval mode."""
+    model, _ = build_model(arch, num_classes, width, DIRS)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))  # moves running_mean / running_var away from 0 / 1
+    return model.eval()
+
+
+def _resnet_sd() -> dict[str, torch.Tensor]:
+    return _tiny("resnet34").state_dict()
+
+
+def test_registry():
+    assert set(ARCHITECTURES) == {"resnet34", "vgg16", "mobilenetv2"}
+    vgg = ARCHITECTURES["vgg16"]
+    assert (vgg.file, vgg.factory, vgg.factory_args, vgg.default_width) == ("vgg.py", "VGG", ("VGG16",), 64)
+    assert (vgg.classes_key, vgg.width_key) == ("classifier.weight", "features.0.weight")
+    assert ARCHITECTURES["mobilenetv2"].default_width == 32
+    assert ARCHITECTURES["resnet34"].file == "resnet34.py"
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_gives_identical_outputs(tmp_path, arch, size):
+    model = _tiny(arch)
+    path = tmp_path / f"{arch}.pth"
+    save_checkpoint(path, model, acc=np.float64(91.5), epoch=np.int64(12))
+    loaded, info = load_victim_model(arch, path, DIRS)
+    assert (info.arch, info.num_classes, info.width) == (arch, 7, 8)
+    assert info.checkpoint_acc == 91.5 and isinstance(info.checkpoint_acc, float)
+    assert info.epoch == 12 and isinstance(info.epoch, int)
+    assert info.architecture_file == REPO_ARCH_DIR / ARCHITECTURES[arch].file
+    assert not loaded.training
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in loaded.parameters())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_saved_file_layout_and_no_temp_files(tmp_path):
+    model = _tiny("mobilenetv2", num_classes=3, width=4)
+    path = tmp_path / "sub" / "m.pth"
+    save_checkpoint(path, model, acc=50.0, epoch=1)
+    save_checkpoint(path, model, acc=60.0, epoch=2)  # overwrite in place
+    assert [p.name for p in path.parent.iterdir()] == ["m.pth"]
+    obj = torch.load(path, weights_only=True)
+    assert set(obj) == {"net", "acc", "epoch"} and (obj["acc"], obj["epoch"]) == (60.0, 2)
+    assert set(obj["net"]) == set(model.state_dict())
+
+
+def test_module_prefix_stripped(tmp_path):
+    sd = _resnet_sd()
+    path = tmp_path / "dp.pth"
+    torch.save({"net": {f"module.{k}": v for k, v in sd.items()}, "acc": 80.0, "epoch": 3}, path)
+    loaded, meta = load_state_dict(path)
+    assert list(loaded) == list(sd)
+    assert meta == {"acc": 80.0, "epoch": 3}
+    _, info = load_victim_model("resnet34", path, DIRS)
+    assert (info.num_classes, info.width) == (7, 8)
+
+
+def test_bare_state_dict_accepted(tmp_path):
+    sd = _tiny("vgg16").state_dict()
+    path = tmp_path / "bare.pth"
+    torch.save(sd, path)
+    loaded, meta = load_state_dict(path)
+    assert meta == {}
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+    _, info = load_victim_model("vgg16", path, DIRS)
+    assert info.checkpoint_acc is None and info.epoch is None
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model_state_dict", "model"])
+def test_other_wrappers_accepted(tmp_path, wrapper):
+    sd = _resnet_sd()
+    path = tmp_path / "w.pth"
+    torch.save({wrapper: sd, "epoch": torch.tensor(5), "optimizer": {"lr": 0.1}}, path)
+    loaded, meta = load_state_dict(path)
+    assert list(loaded) == list(sd)
+    assert meta == {"epoch": 5}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_infer_num_classes_and_width(arch):
+    sd = _tiny(arch, num_classes=7, width=8).state_dict()
+    assert infer_num_classes(arch, sd) == 7
+    assert infer_width(arch, sd) == 8
+
+
+def test_infer_on_wrong_architecture_says_so():
+    with pytest.raises(CheckpointError, match=r"classifier\.weight.*missing.*vgg16"):
+        infer_num_classes("vgg16", _resnet_sd())
+
+
+def test_unknown_architecture():
+    with pytest.raises(ArchitectureError, match="resnet18.*known: resnet34"):
+        infer_width("resnet18", {})
+
+
+def test_mismatch_lists_missing_unexpected_and_misshaped(tmp_path):
+    sd = _resnet_sd()
+    del sd["layer3.1.bn2.weight"]
+    sd["extra.head.weight"] = torch.zeros(3)
+    sd["layer1.0.conv1.weight"] = torch.zeros(8, 8, 5, 5)
+    path = tmp_path / "bad.pth"
+    torch.save({"net": sd}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_victim_model("resnet34", path, DIRS)
+    message = str(err.value)
+    assert str(path) in message
+    assert "1 missing keys" in message and "layer3.1.bn2.weight" in message
+    assert "1 unexpected keys" in message and "extra.head.weight" in message
+    assert "1 mis-shaped keys" in message
+    assert "layer1.0.conv1.weight checkpoint (8, 8, 5, 5) vs model (8, 8, 3, 3)" in message
+
+
+def test_mismatch_lists_are_truncated_with_counts(tmp_path):
+    sd = {k: v for k, v in _resnet_sd().items() if not k.startswith("layer4.")}
+    path = tmp_path / "cut.pth"
+    torch.save(sd, path)
+    n_layer4 = sum(k.startswith("layer4.") and not k.endswith("num_batches_tracked") for k in _resnet_sd())
+    with pytest.raises(CheckpointError, match=rf"{n_layer4} missing keys.*\.\.\. and {n_layer4 - 10} more"):
+        load_victim_model("resnet34", path, DIRS)
+
+
+def test_missing_num_batches_tracked_tolerated(tmp_path):
+    model = _tiny("resnet34")
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "old.pth"
+    torch.save({"net": sd}, path)
+    loaded, _ = load_victim_model("resnet34", path, DIRS)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_whole_pickled_model_needs_trust(tmp_path, monkeypatch):
+    # The classes must be importable by name for pickle: register the by-path module for this test.
+    module = import_architecture_file(REPO_ARCH_DIR / "resnet34.py")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    model = module.ResNet34(num_classes=4, width=4)
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 32, 32))
+    model.eval()
+    path = tmp_path / "whole.pth"
+    torch.save(model, path)
+
+    with pytest.raises(CheckpointError) as err:
+        load_victim_model("resnet34", path, DIRS)
+    message = str(err.value)
+    assert str(path) in message
+    assert "arbitrary code" in message and "--trust-checkpoints" in message and "ResNet" in message
+
+    loaded, info = load_victim_model("resnet34", path, DIRS, trust=True)
+    assert (info.num_classes, info.width) == (4, 4)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_pickled_module_in_wrapper_with_trust(tmp_path):
+    path = tmp_path / "wrapped.pth"
+    torch.save({"net": torch.nn.Sequential(torch.nn.Linear(2, 3)), "acc": 1.0}, path)
+    with pytest.raises(CheckpointError, match="trust"):
+        load_state_dict(path)
+    sd, meta = load_state_dict(path, trust=True)
+    assert list(sd) == ["0.weight", "0.bias"] and meta == {"acc": 1.0}
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.pth"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"{path.name}: checkpoint file is empty"):
+        load_state_dict(path)
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "trunc.pth"
+    save_checkpoint(path, _tiny("mobilenetv2", width=4), acc=1.0, epoch=1)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"{path.name}: not a readable checkpoint"):
+        load_victim_model("mobilenetv2", path, DIRS)
+
+
+@pytest.mark.parametrize("content", [b"hello, not a checkpoint\n", pickle.dumps([1, 2, 3], protocol=2)])
+def test_not_a_checkpoint(tmp_path, content):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=path.name):
+        load_state_dict(path)
+
+
+def test_dict_without_weights_lists_its_keys(tmp_path):
+    path = tmp_path / "meta.pth"
+    torch.save({"acc": 1.0, "epoch": 2}, path)
+    with pytest.raises(CheckpointError, match=r"no weights found.*'acc', 'epoch'"):
+        load_state_dict(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_state_dict(tmp_path / "nope.pth")
+
+
+WEIRD = '''
+import torch
+
+def ResNet34(depth, *, colour):
+    raise AssertionError("never called properly")
+'''
+
+WRONG_SIZE = '''
+import torch
+
+def MobileNetV2(**kwargs):
+    return torch.nn.Linear(3, 2)  # has no conv1 / linear keys: cannot be checked
+'''
+
+
+def test_weird_signature_lists_every_call_tried(tmp_path):
+    (tmp_path / "resnet34.py").write_text(WEIRD)
+    with pytest.raises(ArchitectureError) as err:
+        build_model("resnet34", 7, 8, [tmp_path, REPO_ARCH_DIR])
+    message = str(err.value)
+    assert str(tmp_path / "resnet34.py") in message
+    for call in ("ResNet34(num_classes=7, width=8)", "ResNet34(num_classes=7)", "ResNet34(7)", "ResNet34()"):
+        assert f"{call}: TypeError" in message
+
+
+def test_factory_ignoring_width_is_rejected(tmp_path):
+    (tmp_path / "vgg.py").write_text(
+        "from __future__ import annotations\n"
+        "import importlib.util\n"
+        f"_s = importlib.util.spec_from_file_location('_real_vgg', {str(REPO_ARCH_DIR / 'vgg.py')!r})\n"
+        "_m = importlib.util.module_from_spec(_s); _s.loader.exec_module(_m)\n"
+        "def VGG(name, num_classes=10, **unused):\n"
+        "    return _m.VGG(name, num_classes=num_classes, width=4)\n"
+    )
+    with pytest.raises(ArchitectureError, match=r"VGG\('VGG16', num_classes=7, width=8\): built a model of width 4"):
+        build_model("vgg16", 7, 8, [tmp_path])
+
+
+def test_positional_factory_fallback(tmp_path):
+    (tmp_path / "vgg.py").write_text(
+        "import importlib.util\n"
+        f"_s = importlib.util.spec_from_file_location('_real_vgg2', {str(REPO_ARCH_DIR / 'vgg.py')!r})\n"
+        "_m = importlib.util.module_from_spec(_s); _s.loader.exec_module(_m)\n"
+        "def VGG(name, n):\n"
+        "    return _m.VGG(name, num_classes=n, width=4)\n"
+    )
+    model, file = build_model("vgg16", 6, 4, [tmp_path])
+    assert file == tmp_path / "vgg.py"
+    assert model.state_dict()["classifier.weight"].shape == (6, 32)
+
+
+def test_unverifiable_model_is_left_to_the_key_check(tmp_path):
+    (tmp_path / "mobilenetv2.py").write_text(WRONG_SIZE)
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, _tiny("mobilenetv2", width=4), acc=None, epoch=None)
+    with pytest.raises(CheckpointError, match="344 unexpected keys"):
+        load_victim_model("mobilenetv2", path, [tmp_path])
+
+
+def test_bundle_architecture_file_wins(tmp_path):
+    bundle_models = tmp_path / "bundle" / "models"
+    bundle_models.mkdir(parents=True)
+    shutil.copy(REPO_ARCH_DIR / "resnet34.py", bundle_models / "resnet34.py")
+    with open(bundle_models / "resnet34.py", "a") as f:
+        f.write("\nBUNDLE_MARKER = True\n")
+    model, file = build_model("resnet34", 7, 8, [bundle_models, REPO_ARCH_DIR])
+    assert file == bundle_models / "resnet34.py"
+    assert type(model).forward.__globals__.get("BUNDLE_MARKER") is True
+    # A file the bundle does not ship comes from the repo.
+    _, file = build_model("vgg16", 7, 8, [bundle_models, REPO_ARCH_DIR])
+    assert file == REPO_ARCH_DIR / "vgg.py"
+
+    ckpt = tmp_path / "r.pth"
+    save_checkpoint(ckpt, model, acc=10.0, epoch=0)
+    _, info = load_victim_model("resnet34", ckpt, [bundle_models, REPO_ARCH_DIR])
+    assert info.architecture_file == bundle_models / "resnet34.py"
+
+
+def test_no_architecture_file_anywhere(tmp_path):
+    with pytest.raises(ArchitectureError, match=r"no mobilenetv2\.py for mobilenetv2"):
+        build_model("mobilenetv2", 10, 32, [tmp_path])
+
+
+def test_broken_architecture_file(tmp_path):
+    (tmp_path / "vgg.py").write_text("import torch\ndef VGG(:\n")
+    with pytest.raises(ArchitectureError, match=r"vgg\.py: importing it failed: SyntaxError"):
+        build_model("vgg16", 10, 64, [tmp_path, REPO_ARCH_DIR])
+
+
+def test_import_gives_fresh_modules_each_time():
+    a = import_architecture_file(REPO_ARCH_DIR / "vgg.py")
+    b = import_architecture_file(REPO_ARCH_DIR / "vgg.py")
+    assert a is not b and a.__name__ != b.__name__
+    assert a.VGG is not b.VGG

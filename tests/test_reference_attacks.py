@@ -1,0 +1,244 @@
+"""mia.reference_attacks: LiRA and RMIA against hand-computed values, memory, label-only, bundle entry points."""
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from mia.bundle import discover
+from mia.checkpoints import load_victim_model
+from mia.data import load_records
+from mia.demo import DemoConfig, build_demo
+from mia.reference_attacks import (
+    calibrated_aug_count,
+    fit_gaussians,
+    lira_offline,
+    lira_online,
+    reference_features,
+    reference_label_only_features,
+    rmia_dominance,
+    rmia_log_ratios,
+    rmia_scores,
+)
+from mia.references import ReferenceRecipe, train_references
+from mia.scoring import FLIP, IDENTITY, compute_logits
+
+
+@pytest.fixture(autouse=True)
+def _seeded_single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# Two records, four reference models, one view. Model k trains on record i where MASK[k, i].
+MASK = np.array([[True, False], [True, True], [False, False], [False, True]])
+REF = np.array([[2.0, 5.0], [4.0, 7.0], [0.0, 1.0], [1.0, 9.0]])[:, None, :]  # (K=4, V=1, n=2)
+TARGET = np.array([[3.0, 8.0]])  # (V=1, n=2)
+# record 0: IN {2, 4} -> mean 3, var 2;  OUT {0, 1} -> mean 0.5, var 0.5
+# record 1: IN {7, 9} -> mean 8, var 2;  OUT {5, 1} -> mean 3,   var 8
+
+
+def _log_normal(x, mu, var):
+    return -0.5 * math.log(2 * math.pi * var) - (x - mu) ** 2 / (2 * var)
+
+
+def test_lira_per_record_variance_by_hand():
+    fit = fit_gaussians(REF, MASK, global_variance=False)
+    np.testing.assert_allclose(fit.mu_in, [[3.0, 8.0]])
+    np.testing.assert_allclose(fit.var_in, [[2.0, 2.0]])
+    np.testing.assert_allclose(fit.mu_out, [[0.5, 3.0]])
+    np.testing.assert_allclose(fit.var_out, [[0.5, 8.0]])
+    # log N(3; 3, 2) - log N(3; 0.5, 0.5) = -0.5 log 2 + 0.5 log 0.5 + 2.5^2 / 1 = 6.25 - log 2
+    # log N(8; 8, 2) - log N(8; 3, 8) = 0.5 log 4 + 5^2 / 16 = log 2 + 1.5625
+    np.testing.assert_allclose(lira_online(TARGET, fit), [6.25 - math.log(2), math.log(2) + 1.5625], rtol=1e-12)
+    # offline: -log Pr[Z > x] with z = (x - mu_out) / s_out: 2.5 / sqrt(0.5) and 5 / sqrt(8);
+    # Pr[Z > z] = erfc(z / sqrt 2) / 2, and z / sqrt 2 = 2.5 and 1.25
+    expected = [-math.log(0.5 * math.erfc(2.5)), -math.log(0.5 * math.erfc(1.25))]
+    np.testing.assert_allclose(lira_offline(TARGET, fit), expected, rtol=1e-12)
+
+
+def test_lira_global_variance_by_hand_and_auto():
+    fit = fit_gaussians(REF, MASK, global_variance=True)
+    # pooled IN: squared deviations (1 + 1) + (1 + 1) over 2 degrees of freedom = 2
+    # pooled OUT: (0.25 + 0.25) + (4 + 4) over 2 = 4.25
+    np.testing.assert_allclose(fit.var_in, [[2.0, 2.0]])
+    np.testing.assert_allclose(fit.var_out, [[4.25, 4.25]])
+    online = lira_online(TARGET, fit)
+    expected0 = _log_normal(3, 3, 2) - _log_normal(3, 0.5, 4.25)
+    expected1 = _log_normal(8, 8, 2) - _log_normal(8, 3, 4.25)
+    np.testing.assert_allclose(online, [expected0, expected1], rtol=1e-12)
+    auto = fit_gaussians(REF, MASK)  # K = 4 < 16: global
+    assert auto.global_variance and not fit_gaussians(REF, MASK, global_variance=False).global_variance
+    np.testing.assert_allclose(lira_online(TARGET, auto), online)
+
+
+def test_lira_sums_over_views():
+    single = fit_gaussians(REF, MASK, global_variance=False)
+    two = fit_gaussians(np.concatenate([REF, REF + 10.0], axis=1), MASK, global_variance=False)
+    target = np.concatenate([TARGET, TARGET + 10.0])
+    np.testing.assert_allclose(lira_online(target, two), 2 * lira_online(TARGET, single))
+    np.testing.assert_allclose(lira_offline(target, two), 2 * lira_offline(TARGET, single))
+
+
+def test_lira_uses_only_each_records_own_in_and_out_models():
+    changed = REF.copy()
+    changed[2, 0, 1] = 100.0  # model 2 is OUT for record 1: only record 1's OUT fit may move
+    changed[0, 0, 1] = -50.0  # model 0 is OUT for record 1 too
+    a = fit_gaussians(REF, MASK, global_variance=False)
+    b = fit_gaussians(changed, MASK, global_variance=False)
+    np.testing.assert_array_equal(a.mu_in, b.mu_in)
+    assert a.mu_out[0, 0] == b.mu_out[0, 0] and a.mu_out[0, 1] != b.mu_out[0, 1]
+
+
+def test_lira_orientation_and_missing_group():
+    fit = fit_gaussians(REF, MASK, global_variance=False)
+    assert lira_offline(TARGET + 1.0, fit)[0] > lira_offline(TARGET, fit)[0]
+    # a third record that only OUT models saw gets mu_in = mu_out + mean IN-OUT shift of the others
+    mask = np.concatenate([MASK, np.zeros((4, 1), bool)], axis=1)
+    ref = np.concatenate([REF, np.array([1.0, 2.0, 3.0, 6.0])[:, None, None]], axis=2)
+    fit3 = fit_gaussians(ref, mask, global_variance=False)
+    shift = ((3.0 - 0.5) + (8.0 - 3.0)) / 2
+    assert fit3.mu_out[0, 2] == 3.0 and fit3.mu_in[0, 2] == pytest.approx(3.0 + shift)
+    assert fit3.var_in[0, 2] == pytest.approx(2.0)  # no IN model: the pooled IN variance
+
+
+def test_lira_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="in_mask"):
+        fit_gaussians(REF, MASK.T)
+    with pytest.raises(ValueError, match="target"):
+        lira_online(TARGET[:, :1], fit_gaussians(REF, MASK))
+
+
+# --------------------------------------------------------------------------------------------- RMIA
+
+
+def test_rmia_ratio_by_hand():
+    # victim p = 0.9; OUT models p = 0.4 and 0.6 (mean 0.5); IN model p = 0.99 (ignored offline)
+    target = np.log([[0.9]])
+    ref = np.log(np.array([0.4, 0.99, 0.6]))[:, None, None]
+    mask = np.array([[False], [True], [False]])
+    # p(x) = (1 + 0.3) / 2 * 0.5 + (1 - 0.3) / 2 = 0.675;  r = 0.9 / 0.675 = 4/3
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target, ref, mask, a=0.3)), [0.9 / 0.675])
+    # a = 1: p(x) = mean OUT = 0.5
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target, ref, mask, a=1.0)), [1.8])
+    # two views: probabilities averaged over views first: victim (0.8 + 0.6) / 2 = 0.7
+    target2 = np.log([[0.8], [0.6]])
+    ref2 = np.log(np.array([[0.3, 0.5], [0.99, 0.99], [0.7, 0.5]]))[:, :, None]  # per-model view means 0.4, 0.6
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target2, ref2, mask, a=0.3)), [0.7 / 0.675])
+
+
+def test_rmia_dominance_on_five_records_by_hand():
+    r = np.log([1.0, 2.0, 0.5, 4.0, 2.0])
+    # gamma = 1: other records with a strictly smaller ratio, out of 4 (the tie 2.0 vs 2.0 does not count)
+    np.testing.assert_allclose(rmia_dominance(r, r, x_in_z=True), [1 / 4, 2 / 4, 0, 4 / 4, 2 / 4])
+    # gamma = 2: r(z) < r(x) / 2
+    np.testing.assert_allclose(rmia_dominance(r, r, gamma=2.0, x_in_z=True), [0, 1 / 4, 0, 2 / 4, 1 / 4])
+    # gamma = 0.5: r(z) < 2 r(x), the record itself excluded although it satisfies the inequality
+    np.testing.assert_allclose(rmia_dominance(r, r, gamma=0.5, x_in_z=True), [1 / 4, 3 / 4, 0, 4 / 4, 3 / 4])
+    # a separate population of 5: no exclusion
+    np.testing.assert_allclose(rmia_dominance(np.log([3.0]), r), [4 / 5])
+
+
+def test_rmia_scores_use_the_other_records_as_population():
+    target = np.log([[0.9, 0.5, 0.2]])
+    ref = np.log(np.full((2, 1, 3), 0.5))
+    mask = np.array([[True, False, True], [False, True, False]])
+    # every p(x) = 0.65 * 0.5 + 0.35 = 0.675, so the order of r is the order of the victim's p
+    np.testing.assert_allclose(rmia_scores(target, ref, mask), [1.0, 0.5, 0.0])
+
+
+def test_rmia_memory_is_linear():
+    rng = np.random.default_rng(0)
+    n = 20000
+    target = np.log(rng.uniform(0.01, 1.0, (2, n)))
+    ref = np.log(rng.uniform(0.01, 1.0, (4, 2, n)))
+    mask = np.zeros((4, n), bool)
+    mask[:2] = True
+    tracemalloc.start()
+    try:
+        scores = rmia_scores(target, ref, mask)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert scores.shape == (n,) and 0.0 <= scores.min() and scores.max() <= 1.0
+    assert peak < 20 * n * 8 * 4  # a handful of (K, V, n) arrays; an n x n bool matrix would be 400 MB
+
+
+# --------------------------------------------------------------------------------------------- label-only
+
+
+def test_calibrated_aug_count_by_hand():
+    labels = np.array([1, 2])
+    victim = np.array([[1, 2], [1, 0], [1, 2]])  # correct views: record 0: 3, record 1: 2
+    refs = np.array([
+        [[1, 2], [0, 2], [0, 2]],  # model 0: correct counts 1, 3
+        [[1, 0], [1, 0], [1, 0]],  # model 1: 3, 0
+        [[0, 2], [0, 2], [0, 0]],  # model 2: 0, 2
+    ])
+    mask = np.array([[True, False], [False, True], [False, False]])
+    # record 0: OUT models 1, 2 -> mean (3 + 0) / 2 = 1.5 -> 3 - 1.5
+    # record 1: OUT models 0, 2 -> mean (3 + 2) / 2 = 2.5 -> 2 - 2.5
+    np.testing.assert_allclose(calibrated_aug_count(victim, refs, labels, mask), [1.5, -0.5])
+    with pytest.raises(TypeError, match="integer predicted labels"):
+        calibrated_aug_count(victim.astype(float), refs, labels, mask)
+
+
+# --------------------------------------------------------------------------------------------- from a bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("refattacks") / "demo"
+    build_demo(DemoConfig.tiny(out, archs=("vgg16",)), progress=False)
+    return discover(out)
+
+
+def _victim_logits(bundle):
+    victim = bundle.victims[0]
+    model, info = load_victim_model(victim.arch, victim.checkpoint, bundle.arch_dirs)
+    ev = load_records(victim.eval_path, with_membership=True)
+    te = load_records(victim.test_path, with_membership=False)
+    views = (IDENTITY, FLIP)
+    return (compute_logits(model, ev.images, views, device="cpu"), compute_logits(model, te.images, views, device="cpu"),
+            ev.labels, te.labels, [v.name for v in views])
+
+
+def test_reference_features_none_without_references(bundle, tmp_path):
+    ev_logits, te_logits, ev_labels, te_labels, names = _victim_logits(bundle)
+    victim = bundle.victims[0]
+    assert reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
+                              references_root=tmp_path) is None
+    assert reference_label_only_features(bundle.root, victim, ev_logits.argmax(-1), te_logits.argmax(-1), ev_labels,
+                                         te_labels, names, references_root=tmp_path) is None
+
+
+def test_reference_features_end_to_end(bundle, tmp_path):
+    victim = bundle.victims[0]
+    train_references(bundle.root, victim, ReferenceRecipe(k=4, epochs=1, batch_size=16, device="cpu"),
+                     progress=False, references_root=tmp_path)
+    ev_logits, te_logits, ev_labels, te_labels, names = _victim_logits(bundle)
+    kwargs = dict(device="cpu", references_root=tmp_path)
+    assert reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
+                              min_models=5, **kwargs) is None  # only 4 models
+    feats = reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names, **kwargs)
+    assert set(feats) == {"eval", "test"}
+    for split, n in (("eval", 32), ("test", 32)):
+        assert set(feats[split]) == {"lira_online", "lira_offline", "rmia"}
+        for values in feats[split].values():
+            assert values.shape == (n,) and values.dtype == np.float64 and np.isfinite(values).all()
+        assert (0 <= feats[split]["rmia"]).all() and (feats[split]["rmia"] <= 1).all()
+    label_only = reference_label_only_features(bundle.root, victim, ev_logits.argmax(-1), te_logits.argmax(-1),
+                                               ev_labels, te_labels, names, **kwargs)
+    assert label_only["eval"]["calibrated_aug_count"].shape == (32,)
+    assert np.abs(label_only["test"]["calibrated_aug_count"]).max() <= 2  # two views
+    with pytest.raises(TypeError):
+        reference_label_only_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names, **kwargs)

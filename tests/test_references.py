@@ -1,0 +1,288 @@
+"""mia.references: masks, training layout, resume, shards, recipe checks, reference logits, CLI."""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import mia.references as refs
+from mia.bundle import discover
+from mia.demo import DemoConfig, build_demo
+from mia.errors import MIAError
+from mia.references import (
+    ReferenceRecipe,
+    add_parser,
+    augment_batch,
+    load_pool,
+    load_reference_set,
+    make_masks,
+    parse_shard,
+    reference_logits,
+    run_cli,
+    train_references,
+    views_from_names,
+)
+from mia.scoring import FLIP, IDENTITY, STANDARD_VIEWS
+
+RECIPE = ReferenceRecipe(k=4, epochs=1, batch_size=16, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seeded_single_thread():
+    """One thread (bitwise-reproducible CPU training, busy machines) and the caller's RNG restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A tiny demo bundle with one victim (width 4, 32 eval + 32 test records)."""
+    out = tmp_path_factory.mktemp("refs") / "demo"
+    build_demo(DemoConfig.tiny(out, archs=("vgg16",)), progress=False)
+    return discover(out)
+
+
+@pytest.fixture(scope="module")
+def trained(bundle, tmp_path_factory):
+    """k=4 references trained once (shared by the read-only tests), single-threaded like every test."""
+    root = tmp_path_factory.mktemp("trained")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU results are bitwise reproducible at a fixed thread count only
+    try:
+        ref_set = train_references(bundle.root, bundle.victims[0], RECIPE, progress=False, references_root=root)
+    finally:
+        torch.set_num_threads(threads)
+    return root, ref_set
+
+
+def _manifest(folder):
+    data = json.loads((folder / "manifest.json").read_text())
+    for meta in data["models"].values():
+        meta.pop("seconds")
+    return data
+
+
+# --------------------------------------------------------------------------------------------- masks
+
+
+def test_masks_balanced_and_deterministic():
+    m = make_masks(8, 1000, seed=3)
+    assert m.shape == (8, 1000) and m.dtype == bool
+    assert (m.sum(axis=0) == 4).all()  # every record IN for exactly k/2 models
+    assert abs(m.sum(axis=1).mean() - 500) < 1e-9  # k * n / 2 INs in all
+    assert 400 < m.sum(axis=1).min() and m.sum(axis=1).max() < 600  # roughly half the pool per model
+    np.testing.assert_array_equal(m, make_masks(8, 1000, seed=3))
+    assert not np.array_equal(m, make_masks(8, 1000, seed=4))
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_masks_need_even_k(k):
+    with pytest.raises(MIAError, match="even"):
+        make_masks(k, 10, 0)
+
+
+def test_parse_shard():
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "1", "a/b", "-1/2"):
+        with pytest.raises(MIAError, match="shard"):
+            parse_shard(bad)
+
+
+def test_recipe_validation():
+    with pytest.raises(MIAError, match="even"):
+        ReferenceRecipe(k=5).validate()
+    with pytest.raises(MIAError, match="schedule"):
+        ReferenceRecipe(schedule="step").validate()
+    assert ReferenceRecipe.from_dict(RECIPE.to_dict()) == RECIPE
+
+
+# --------------------------------------------------------------------------------------------- augmentation
+
+
+def test_augment_batch_flips_and_crops():
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).reshape(2, 3, 5, 6) + 1.0
+    g = torch.Generator().manual_seed(0)
+    flipped_only = augment_batch(x, g, pad=0)
+    for b in range(2):
+        assert torch.equal(flipped_only[b], x[b]) or torch.equal(flipped_only[b], x[b].flip(-1))
+    out = augment_batch(x, torch.Generator().manual_seed(1), pad=2)
+    assert out.shape == x.shape
+    for b in range(2):
+        # each output is one of the 2 x 25 crops of the (possibly flipped) zero-padded image
+        crops = [torch.nn.functional.pad(img, (2, 2, 2, 2))[:, r:r + 5, c:c + 6]
+                 for img in (x[b], x[b].flip(-1)) for r in range(5) for c in range(5)]
+        assert any(torch.equal(out[b], crop) for crop in crops)
+
+
+def test_augment_batch_is_reproducible():
+    x = torch.randn(8, 3, 8, 8)
+    a = augment_batch(x, torch.Generator().manual_seed(5), pad=4)
+    b = augment_batch(x, torch.Generator().manual_seed(5), pad=4)
+    assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def test_training_writes_models_masks_and_manifest(bundle, trained):
+    root, ref_set = trained
+    folder = root / bundle.victims[0].name
+    assert ref_set.folder == folder and ref_set.complete == (0, 1, 2, 3) and ref_set.trained == (0, 1, 2, 3)
+    masks = np.load(folder / "masks.npy")
+    np.testing.assert_array_equal(masks, make_masks(4, 64, 0))
+    assert (masks.sum(axis=0) == 2).all()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["complete"] == [0, 1, 2, 3] and manifest["missing"] == []
+    assert manifest["pool"]["n_eval"] == 32 and manifest["pool"]["n_test"] == 32 and manifest["pool"]["n"] == 64
+    assert [s["role"] for s in manifest["pool"]["sources"]] == ["eval", "test"]
+    assert all(len(s["sha256"]) == 64 for s in manifest["pool"]["sources"])
+    assert len(manifest["victim_checkpoint"]["sha256"]) == 64
+    assert manifest["recipe"]["epochs"] == 1 and manifest["recipe"]["width"] == 4 and manifest["width"] == 4
+    for j in range(4):
+        meta = json.loads((folder / f"model_{j:03d}.json").read_text())
+        assert meta["n_in"] == masks[j].sum() and meta["n_in"] + meta["n_out"] == 64
+        assert 0.0 <= meta["out_accuracy"] <= 1.0 and meta["seconds"] > 0
+        assert manifest["models"][f"{j:03d}"]["out_accuracy"] == meta["out_accuracy"]
+        model = ref_set.load_model(j)
+        assert model.features[0].weight.shape[0] == 4  # the victim's width
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_resume_after_interruption_trains_only_missing(bundle, tmp_path, monkeypatch):
+    victim = bundle.victims[0]
+    fit = refs._fit_model
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(args[7])  # the model seed
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(refs, "_fit_model", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train_references(bundle.root, victim, RECIPE, progress=False, references_root=tmp_path)
+    folder = tmp_path / victim.name
+    partial = load_reference_set(bundle.root, victim, references_root=tmp_path)
+    assert partial.complete == (0, 1)
+    assert json.loads((folder / "manifest.json").read_text())["missing"] == [2, 3]
+    assert not list(folder.glob(".*.tmp"))
+    stamp = (folder / "model_000.pth").stat().st_mtime_ns
+
+    monkeypatch.setattr(refs, "_fit_model", fit)
+    done = train_references(bundle.root, victim, RECIPE, progress=False, references_root=tmp_path)
+    assert done.trained == (2, 3) and done.complete == (0, 1, 2, 3)
+    assert (folder / "model_000.pth").stat().st_mtime_ns == stamp  # kept, not retrained
+
+    (folder / "model_001.json").unlink()  # a model whose .json never got written is incomplete
+    again = train_references(bundle.root, victim, RECIPE, progress=False, references_root=tmp_path)
+    assert again.trained == (1,)
+
+
+def test_shards_merge_to_the_single_run(bundle, trained, tmp_path):
+    victim = bundle.victims[0]
+    single_root, single = trained
+    first = train_references(bundle.root, victim, RECIPE, shard=(0, 2), progress=False, references_root=tmp_path)
+    assert first.trained == (0, 2) and first.complete == (0, 2)
+    second = train_references(bundle.root, victim, RECIPE, shard=(1, 2), progress=False, references_root=tmp_path)
+    assert second.trained == (1, 3) and second.complete == (0, 1, 2, 3)  # any shard's call merges
+    merged = load_reference_set(bundle.root, victim, references_root=tmp_path)
+    assert merged.complete == (0, 1, 2, 3)
+    assert _manifest(tmp_path / victim.name) == _manifest(single_root / victim.name)
+    for j in range(4):
+        a = torch.load(merged.model_path(j), weights_only=True)["net"]
+        b = torch.load(single.model_path(j), weights_only=True)["net"]
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_recipe_or_pool_mismatch_is_refused(bundle, trained, tmp_path):
+    root, _ = trained
+    victim = bundle.victims[0]
+    with pytest.raises(MIAError, match=r"epochs 1 -> 2"):
+        train_references(bundle.root, victim, ReferenceRecipe(k=4, epochs=2, batch_size=16, device="cpu"),
+                         progress=False, references_root=root)
+    with pytest.raises(MIAError, match=r"k 4 -> 6"):
+        train_references(bundle.root, victim, ReferenceRecipe(k=6, epochs=1, batch_size=16, device="cpu"),
+                         progress=False, references_root=root)
+    population = tmp_path / "population"
+    _write_population(population / "extra.p", n=3)
+    with pytest.raises(MIAError, match="pool"):
+        train_references(bundle.root, victim, RECIPE, population=population, progress=False, references_root=root)
+    assert load_reference_set(bundle.root, victim, references_root=root).complete == (0, 1, 2, 3)  # untouched
+
+
+def _write_population(path, n, with_membership=True):
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        image = torch.from_numpy(rng.standard_normal((3, 32, 32)).astype(np.float32))
+        records.append([image, i % 10, 0] if with_membership else [image, i % 10])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(records, protocol=4))
+
+
+def test_pool_with_population_folder(bundle, tmp_path):
+    _write_population(tmp_path / "pop" / "a.p", n=3)  # [image, label, membership], all non-members
+    _write_population(tmp_path / "pop" / "b.p", n=2, with_membership=False)
+    pool = load_pool(bundle.victims[0], tmp_path / "pop", num_classes=10, bundle_root=bundle.root)
+    assert (pool.n, pool.n_eval, pool.n_test, pool.n_population) == (69, 32, 32, 5)
+    assert [s["role"] for s in pool.sources] == ["eval", "test", "population", "population"]
+    assert pool.labels[64:].tolist() == [0, 1, 2, 0, 1]
+    with pytest.raises(MIAError, match="not found"):
+        load_pool(bundle.victims[0], tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------------------------- logits
+
+
+def test_views_from_names_round_trip():
+    assert views_from_names([v.name for v in STANDARD_VIEWS]) == STANDARD_VIEWS
+    for bad in ("identity", "id:dx1", "flip:dx+1dy+x", "id:dx+0dy+0"):
+        with pytest.raises(ValueError):
+            views_from_names([bad])
+
+
+def test_reference_logits_shape_and_cache(trained, monkeypatch):
+    _, ref_set = trained
+    logits = reference_logits(ref_set, (IDENTITY, FLIP), device="cpu")
+    assert logits.shape == (4, 2, 64, 10) and logits.dtype == np.float32
+    pool = ref_set.load_pool()
+    model = ref_set.load_model(2)
+    with torch.no_grad():
+        direct = model(torch.from_numpy(pool.images[:5])).numpy()
+    np.testing.assert_allclose(logits[2, 0, :5], direct, rtol=1e-4, atol=1e-5)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("cache miss")
+
+    monkeypatch.setattr(refs, "compute_logits", refuse)
+    np.testing.assert_array_equal(reference_logits(ref_set, (IDENTITY, FLIP), device="cpu"), logits)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_shard_then_merge(bundle, capsys):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_parser(sub)
+    common = ["references", "--bundle", str(bundle.root), "--k", "2", "--epochs", "1", "--batch-size", "16",
+              "--device", "cpu", "--quiet"]
+    assert run_cli(parser.parse_args(common + ["--shard", "1/2"])) == 0
+    out = capsys.readouterr().out
+    assert "1 of 2 reference models complete" in out and "model 001: OUT accuracy" in out and "missing: [0]" in out
+    assert run_cli(parser.parse_args(common + ["--merge-only"])) == 0
+    assert "1 of 2 reference models complete" in capsys.readouterr().out
+    assert run_cli(parser.parse_args(common)) == 0
+    assert "2 of 2 reference models complete" in capsys.readouterr().out
+    assert (bundle.root / "references" / bundle.victims[0].name / "manifest.json").is_file()

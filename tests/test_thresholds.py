@@ -1,0 +1,245 @@
+"""Tests for mia.thresholds: exact sweep against brute force, ties, per-class fallback."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mia.thresholds import (
+    ClassThresholds,
+    brute_force_sweep,
+    grid_sweep,
+    predict,
+    predict_per_class,
+    sweep,
+    sweep_per_class,
+)
+
+
+def test_hand_example():
+    # scores 1 2 3 4, membership 0 0 1 1. Cuts: -inf, 1.5, 2.5, 3.5, +inf.
+    # Correct counts: -inf -> 2 (the members); 1.5 -> 3; 2.5 -> 4; 3.5 -> 3; +inf -> 2.
+    sw = sweep([1.0, 2.0, 3.0, 4.0], [0, 0, 1, 1])
+    np.testing.assert_array_equal(sw.thresholds, [-np.inf, 1.5, 2.5, 3.5, np.inf])
+    np.testing.assert_array_equal(sw.accuracies, [0.5, 0.75, 1.0, 0.75, 0.5])
+    assert sw.best_threshold == 2.5 and sw.best_accuracy == 1.0
+    assert sw.thresholds.dtype == np.float64 and sw.accuracies.dtype == np.float64
+
+
+def test_ties_stay_together_and_first_maximum_wins():
+    # scores 1 1 2 2, membership 0 1 1 1. Distinct values 1, 2 -> cuts -inf, 1.5, +inf.
+    # -inf: all members -> 3/4.  1.5: [0 0 1 1] -> 3/4.  +inf: none -> 1/4.
+    # Equal best accuracy at -inf and 1.5: the first (smallest) threshold is chosen.
+    sw = sweep([1.0, 1.0, 2.0, 2.0], [0, 1, 1, 1])
+    np.testing.assert_array_equal(sw.thresholds, [-np.inf, 1.5, np.inf])
+    np.testing.assert_array_equal(sw.accuracies, [0.75, 0.75, 0.25])
+    assert sw.best_threshold == -np.inf and sw.best_accuracy == 0.75
+
+
+def test_order_of_records_does_not_matter():
+    scores = np.array([3.0, 1.0, 2.0, 1.0, 3.0])
+    member = np.array([1, 0, 1, 1, 0])
+    perm = np.array([4, 2, 0, 3, 1])
+    a, b = sweep(scores, member), sweep(scores[perm], member[perm])
+    np.testing.assert_array_equal(a.thresholds, b.thresholds)
+    np.testing.assert_array_equal(a.accuracies, b.accuracies)
+
+
+def _assert_same(a, b):
+    np.testing.assert_array_equal(a.thresholds, b.thresholds)
+    np.testing.assert_array_equal(a.accuracies, b.accuracies)
+    assert a.best_threshold == b.best_threshold
+    assert a.best_accuracy == b.best_accuracy
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 100, 400])
+def test_matches_brute_force_with_many_ties(n):
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        n_values = rng.integers(1, max(2, n // 3) + 1)
+        scores = rng.integers(0, n_values, size=n).astype(np.float64) * 0.37 - 1.0
+        member = rng.integers(0, 2, size=n)
+        sw = sweep(scores, member)
+        _assert_same(sw, brute_force_sweep(scores, member))
+        # Every cut separates consecutive distinct values: u_k < t_k <= u_{k+1}.
+        values = np.unique(scores)
+        cuts = sw.thresholds[1:-1]
+        assert np.all(values[:-1] < cuts) and np.all(cuts <= values[1:])
+        assert sw.best_accuracy == sw.accuracies.max()
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([-np.inf, -2.5, -1.0, 0.0, 0.0, 1e-9, 3.0, 1e300, np.inf]),
+            st.integers(0, 1),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_matches_brute_force_property(records):
+    scores = np.array([s for s, _ in records], dtype=np.float64)
+    member = np.array([m for _, m in records])
+    _assert_same(sweep(scores, member), brute_force_sweep(scores, member))
+
+
+def test_all_equal_scores():
+    sw = sweep(np.full(6, 0.5), [1, 1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(sw.thresholds, [-np.inf, np.inf])
+    np.testing.assert_allclose(sw.accuracies, [4 / 6, 2 / 6])
+    assert sw.best_threshold == -np.inf
+
+
+def test_single_record_and_single_class():
+    sw = sweep([7.0], [0])
+    np.testing.assert_array_equal(sw.accuracies, [0.0, 1.0])
+    assert sw.best_threshold == np.inf and sw.best_accuracy == 1.0
+    # Only members: predicting everyone a member (-inf) is perfect.
+    sw = sweep([1.0, 2.0, 3.0], [1, 1, 1])
+    assert sw.best_threshold == -np.inf and sw.best_accuracy == 1.0
+    # Only non-members: +inf is perfect.
+    sw = sweep([1.0, 2.0, 3.0], [0, 0, 0])
+    assert sw.best_threshold == np.inf and sw.best_accuracy == 1.0
+
+
+def test_adjacent_floats_and_huge_values():
+    lo = 1.0
+    hi = np.nextafter(1.0, 2.0)  # no float strictly between them
+    sw = sweep([lo, hi], [0, 1])
+    assert sw.best_threshold == hi and sw.best_accuracy == 1.0
+    np.testing.assert_array_equal(predict([lo, hi], sw.best_threshold), [0, 1])
+    # The midpoint of huge values must not overflow to inf.
+    sw = sweep([1.5e308, 1.7e308], [0, 1])
+    assert np.isfinite(sw.best_threshold) and sw.best_accuracy == 1.0
+
+
+def test_infinite_scores():
+    # Distinct values -inf, 1, +inf -> cuts 1 (midpoint with -inf is -inf, so the upper value) and
+    # +inf (midpoint with +inf). A +inf score is a member for every threshold, so the final
+    # "no one" candidate is left out.
+    # -inf: all members -> 2/4;  1: [0 1 1 1] vs [0 0 1 1] -> 3/4;  +inf: [0 0 0 1] -> 3/4.
+    scores = [-np.inf, 1.0, 1.0, np.inf]
+    member = [0, 0, 1, 1]
+    sw = sweep(scores, member)
+    np.testing.assert_array_equal(sw.thresholds, [-np.inf, 1.0, np.inf])
+    np.testing.assert_array_equal(sw.accuracies, [0.5, 0.75, 0.75])
+    assert sw.best_threshold == 1.0
+    np.testing.assert_array_equal(predict(scores, sw.best_threshold), [0, 1, 1, 1])
+    _assert_same(sw, brute_force_sweep(scores, member))
+    # Only -inf scores: candidates -inf (all members) and +inf (no one).
+    np.testing.assert_array_equal(sweep([-np.inf], [0]).accuracies, [0.0, 1.0])
+    # Only +inf scores: one candidate.
+    np.testing.assert_array_equal(sweep([np.inf, np.inf], [0, 1]).thresholds, [-np.inf])
+    # -inf next to +inf: the midpoint is NaN, so the cut is +inf.
+    np.testing.assert_array_equal(sweep([-np.inf, np.inf], [0, 1]).thresholds, [-np.inf, np.inf])
+    with pytest.raises(ValueError, match="finite"):
+        grid_sweep([0.0, np.inf], [0, 1])
+
+
+def test_predict_uses_greater_or_equal():
+    out = predict(np.array([1.0, 2.0, 3.0]), 2.0)
+    np.testing.assert_array_equal(out, [0, 1, 1])
+    assert out.dtype == np.int64
+    np.testing.assert_array_equal(predict([1.0, 2.0], -np.inf), [1, 1])
+    np.testing.assert_array_equal(predict([1.0, 2.0], np.inf), [0, 0])
+
+
+def test_grid_sweep():
+    # linspace(0, 4, 3) = [0, 2, 4]; scores 0..4, membership 0 0 1 1 1.
+    # t=0: all member -> 3/5; t=2: [0 0 1 1 1] -> 5/5; t=4: [0 0 0 0 1] -> 3/5.
+    sw = grid_sweep([0.0, 1.0, 2.0, 3.0, 4.0], [0, 0, 1, 1, 1], n_points=3)
+    np.testing.assert_array_equal(sw.thresholds, [0.0, 2.0, 4.0])
+    np.testing.assert_array_equal(sw.accuracies, [0.6, 1.0, 0.6])
+    assert sw.best_threshold == 2.0
+    assert grid_sweep(np.full(4, 2.0), [0, 1, 0, 1]).thresholds.shape == (1,)
+    # The exact sweep is never worse than the grid.
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        scores = rng.normal(size=300)
+        member = (scores + rng.normal(size=300) > 0).astype(int)
+        assert sweep(scores, member).best_accuracy >= grid_sweep(scores, member).best_accuracy
+    assert len(grid_sweep(rng.normal(size=50), rng.integers(0, 2, 50)).thresholds) == 100
+
+
+@pytest.mark.parametrize(
+    "scores, member, match",
+    [
+        ([], [], "zero records"),
+        ([1.0, np.nan], [0, 1], "NaN"),
+        ([1.0, 2.0], [0, 2], "only 0 and 1"),
+        ([1.0, 2.0], [0, 1, 1], "shape \\(2,\\)"),
+        ([[1.0, 2.0]], [0, 1], "shape \\(n,\\)"),
+    ],
+)
+def test_sweep_rejects_bad_input(scores, member, match):
+    with pytest.raises(ValueError, match=match):
+        sweep(scores, member)
+    with pytest.raises(ValueError, match=match):
+        brute_force_sweep(scores, member)
+
+
+def test_predict_rejects_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        predict([1.0, np.nan], 0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        predict([1.0], float("nan"))
+
+
+def _per_class_data():
+    # Class 0: non-members 0..14, members 20..34            -> own cut (14 + 20) / 2 = 17.
+    # Class 1: non-members -40..-26, members -20..-6        -> own cut (-26 + -20) / 2 = -23.
+    # Class 2: only 5 records (< min_count = 20)            -> fallback.
+    # Class 3: 25 records, all members                      -> fallback.
+    scores = np.concatenate([
+        np.arange(0, 15), np.arange(20, 35),
+        np.arange(-40, -25), np.arange(-20, -5),
+        [1.0, 2.0, 3.0, 4.0, 5.0],
+        np.linspace(-50, 50, 25),
+    ]).astype(np.float64)
+    member = np.concatenate([
+        np.zeros(15), np.ones(15), np.zeros(15), np.ones(15), [0, 1, 0, 1, 0], np.ones(25),
+    ]).astype(np.int64)
+    labels = np.repeat([0, 1, 2, 3], [30, 30, 5, 25])
+    return scores, member, labels
+
+
+def test_sweep_per_class_and_fallback():
+    scores, member, labels = _per_class_data()
+    ct = sweep_per_class(scores, member, labels, min_count=20)
+    assert isinstance(ct, ClassThresholds)
+    assert ct.global_threshold == sweep(scores, member).best_threshold
+    assert ct.per_class[0] == 17.0
+    assert ct.per_class[1] == -23.0
+    assert ct.fallback_classes == [2, 3]
+    assert ct.per_class[2] == ct.global_threshold == ct.per_class[3]
+    # A smaller min_count lets class 2 have its own threshold; class 3 still has one class only.
+    ct_small = sweep_per_class(scores, member, labels, min_count=5)
+    assert ct_small.fallback_classes == [3]
+    assert ct_small.per_class[2] == sweep(scores[labels == 2], member[labels == 2]).best_threshold
+
+
+def test_predict_per_class_uses_global_for_unseen_labels():
+    ct = ClassThresholds(global_threshold=0.0, per_class={0: 17.0, 1: -23.0}, fallback_classes=[])
+    scores = np.array([16.0, 18.0, -24.0, -22.0, -1.0, 1.0])
+    labels = np.array([0, 0, 1, 1, 7, 7])  # label 7 never seen -> threshold 0
+    out = predict_per_class(scores, labels, ct)
+    np.testing.assert_array_equal(out, [0, 1, 0, 1, 0, 1])
+    assert out.dtype == np.int64
+    # Fitted thresholds classify the fitting data of the separable classes perfectly.
+    scores, member, labels = _per_class_data()
+    fitted = sweep_per_class(scores, member, labels)
+    pred = predict_per_class(scores, labels, fitted)
+    mask = labels < 2
+    np.testing.assert_array_equal(pred[mask], member[mask])
+
+
+def test_sweep_per_class_validation():
+    with pytest.raises(ValueError, match="labels must have shape"):
+        sweep_per_class([1.0, 2.0], [0, 1], [0])
+    with pytest.raises(ValueError, match="labels must be integers"):
+        sweep_per_class([1.0, 2.0], [0, 1], [0.0, 1.0])
+    with pytest.raises(ValueError, match="min_count"):
+        sweep_per_class([1.0, 2.0], [0, 1], [0, 1], min_count=0)
