@@ -52,8 +52,9 @@ def label_only_features(predicted: np.ndarray, labels: np.ndarray) -> dict[str, 
     """Features for label-only access from predicted labels only.
 
     predicted: (V, n) integer predicted labels for V query views (view 0 = the image itself);
-    labels: (n,) int. Returns ``correctness`` (view 0) and ``aug_correct_count`` (how many views are
-    still classified correctly; Choquette-Choo et al. 2021) as float64.
+    labels: (n,) int. Returns ``correctness`` (view 0), ``aug_correct_count`` (how many views are
+    still classified correctly; Choquette-Choo et al. 2021) and ``view{v}_correct`` for each other
+    view, as float64.
     Raises TypeError for anything but integer labels: probabilities and logits are refused.
     """
     predicted = np.asarray(predicted)
@@ -68,6 +69,8 @@ def label_only_features(predicted: np.ndarray, labels: np.ndarray) -> dict[str, 
     feats = {"correctness": correct[0].astype(np.float64)}
     if predicted.shape[0] > 1:
         feats["aug_correct_count"] = correct.sum(axis=0).astype(np.float64)
+        for v in range(1, predicted.shape[0]):  # inputs of the learned label-only attack
+            feats[f"view{v}_correct"] = correct[v].astype(np.float64)
     return feats
 
 
@@ -79,7 +82,7 @@ def label_only_features(predicted: np.ndarray, labels: np.ndarray) -> dict[str, 
 class Candidate:
     """One attack: a threshold on a signal (global or per class) or a learned combination."""
 
-    kind: str  # "global" | "class" | "fixed" | "logreg" | "boosting"
+    kind: str  # "global" | "class" | "fixed" | "logreg" | "logreg_class" | "boosting"
     signal: str | None = None  # the feature thresholded (global/class/fixed); None for learned ones
     features: tuple[str, ...] = ()  # inputs of a learned combination
     fixed_threshold: float | None = None  # kind "fixed": the threshold used as is, never fitted
@@ -101,7 +104,8 @@ class Candidate:
             return f"a threshold per true class on {self.signal} (Song & Mittal 2021)"
         if self.kind == "fixed":
             return f"member when {self.signal} >= {self.fixed_threshold:g} (fixed, not fitted)"
-        model = "logistic regression" if self.kind == "logreg" else "gradient boosting"
+        model = {"logreg": "logistic regression", "logreg_class": "logistic regression (each input also "
+                 "standardized within its true class)", "boosting": "gradient boosting"}[self.kind]
         return f"{model} over {', '.join(self.features)}, trained on eval, threshold swept"
 
 
@@ -113,6 +117,7 @@ class Fitted:
     threshold: float | None = None
     class_thresholds: ClassThresholds | None = None
     model: object = None
+    class_stats: dict | None = None  # logreg_class: label -> (mean, std) of each input on the fit records
 
     def score(self, feats: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
         c = self.candidate
@@ -122,7 +127,7 @@ class Fitted:
             ct = self.class_thresholds
             t = np.array([ct.per_class.get(int(y), ct.global_threshold) for y in labels], dtype=np.float64)
             return _shift(feats[c.signal], t)
-        return _learned_score(self.model, _matrix(feats, c.features))
+        return _learned_score(self.model, _learned_inputs(c, feats, labels, self.class_stats))
 
     def predict(self, feats: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
         c = self.candidate
@@ -164,6 +169,29 @@ def _matrix(feats: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:
     return np.clip(x, -1e4, 1e4)
 
 
+def _class_stats(x: np.ndarray, labels: np.ndarray) -> dict:
+    """label -> (mean (d,), std (d,)) of the rows of x with that label; 'all' for unseen labels."""
+    stats = {"all": (x.mean(axis=0), x.std(axis=0) + 1e-9)}
+    for y in np.unique(labels):
+        rows = x[labels == y]
+        if len(rows) >= 2:
+            stats[int(y)] = (rows.mean(axis=0), rows.std(axis=0) + 1e-9)
+    return stats
+
+
+def _learned_inputs(c: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, class_stats: dict | None) -> np.ndarray:
+    """The matrix a learned candidate sees: its features, plus (logreg_class) their per-class z-scores."""
+    x = _matrix(feats, c.features)
+    if c.kind != "logreg_class":
+        return x
+    z = np.empty_like(x)
+    for y in np.unique(labels):
+        mean, std = class_stats.get(int(y), class_stats["all"])
+        rows = labels == y
+        z[rows] = (x[rows] - mean) / std
+    return np.concatenate([x, z], axis=1)
+
+
 def _learned_score(model, x: np.ndarray) -> np.ndarray:
     if hasattr(model, "decision_function"):
         return np.asarray(model.decision_function(x), dtype=np.float64)
@@ -181,8 +209,9 @@ def fit(candidate: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, 
         return Fitted(c, threshold=sweep(feats[c.signal], membership).best_threshold)
     if c.kind == "class":
         return Fitted(c, class_thresholds=sweep_per_class(feats[c.signal], membership, labels, min_count=min_class_count))
-    x = _matrix(feats, c.features)
-    if c.kind == "logreg":
+    class_stats = _class_stats(_matrix(feats, c.features), np.asarray(labels)) if c.kind == "logreg_class" else None
+    x = _learned_inputs(c, feats, labels, class_stats)
+    if c.kind in ("logreg", "logreg_class"):
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
@@ -196,7 +225,7 @@ def fit(candidate: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, 
     else:
         raise ValueError(f"unknown candidate kind {c.kind!r}")
     model.fit(x, membership)
-    fitted = Fitted(c, model=model)
+    fitted = Fitted(c, model=model, class_stats=class_stats)
     fitted.threshold = sweep(fitted.score(feats, labels), membership).best_threshold
     return fitted
 
@@ -214,13 +243,19 @@ def strong_posterior_candidates(feature_names: list[str]) -> tuple[Candidate, ..
     names = [n for n in feature_names if n != "correctness"]
     out = [Candidate("global", n) for n in names] + [Candidate("class", n) for n in names]
     out.append(Candidate("logreg", features=tuple(names)))
+    out.append(Candidate("logreg_class", features=tuple(names)))
     return tuple(out)
 
 
 def strong_label_only_candidates(feature_names: list[str]) -> tuple[Candidate, ...]:
-    """Correctness and the augmentation count, with global and per-class thresholds."""
-    out = [Candidate("global", n) for n in feature_names]
-    out += [Candidate("class", n) for n in feature_names if n != "correctness"]
+    """Correctness and the augmentation count with global and per-class thresholds, and a logistic
+    regression over the correctness of every view (it learns which views carry membership)."""
+    base = [n for n in feature_names if n in ("correctness", "aug_correct_count")]
+    out = [Candidate("global", n) for n in base] + [Candidate("class", n) for n in base]
+    per_view = tuple(["correctness"] + [n for n in feature_names if n.startswith("view")])
+    if len(per_view) > 1:
+        out.append(Candidate("logreg", features=per_view))
+        out.append(Candidate("logreg_class", features=per_view))
     return tuple(out)
 
 
@@ -279,6 +314,15 @@ class Selection:
         return next(c for c in self.candidates if c.name == self.chosen)
 
 
+def _one_standard_error_choice(reports: list[CandidateReport], n: int) -> str:
+    """The highest-CV-AUC candidate among those within one standard error of the best CV accuracy."""
+    best = max(r.cv["accuracy"] for r in reports)
+    se = float(np.sqrt(best * (1 - best) / max(n, 1)))
+    near = [r for r in reports if r.cv["accuracy"] >= best - se - 1e-12]
+    auc = lambda r: r.cv["auc"] if r.cv["auc"] is not None else -np.inf  # noqa: E731
+    return max(near, key=lambda r: (auc(r), -reports.index(r))).name
+
+
 def cross_validate(candidate: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, membership: np.ndarray,
                    *, k: int = 5, seed: int = 0, min_class_count: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold (scores, predictions), each (n,): every record scored by a fit that never saw it."""
@@ -314,8 +358,10 @@ def select(
 ) -> Selection:
     """Fit every candidate, choose one, and predict test membership with it refitted on all of eval.
 
-    selection="cv": highest cross-validated accuracy (ties: the earlier, simpler candidate);
-    selection="in_sample": highest accuracy on eval itself (the seed's method).
+    selection="cv": among the candidates whose cross-validated accuracy is within one standard error
+    of the best (sqrt(acc (1 - acc) / n): differences smaller than that are noise), the one with the
+    highest cross-validated AUC, a steadier statistic than accuracy; remaining ties go to the earlier,
+    simpler candidate. selection="in_sample": highest accuracy on eval itself (the seed's method).
     """
     eval_membership = np.asarray(eval_membership, dtype=np.int64)
     if selection not in ("cv", "in_sample"):
@@ -342,6 +388,8 @@ def select(
         key = (cv or in_metrics).accuracy
         if key > best_key + 1e-12:
             best_name, best_key = c.name, key
+    if selection == "cv":
+        best_name = _one_standard_error_choice(reports, len(eval_membership))
     chosen = fitted_all[best_name]
     return Selection(
         chosen=best_name,

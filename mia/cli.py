@@ -63,6 +63,7 @@ def _config_from_args(args) -> RunConfig:
         cache=not args.no_cache,
         trust_checkpoints=args.trust_checkpoints,
         keep_going=args.keep_going,
+        references=not args.no_references,
         victims=tuple(args.victims) if args.victims else None,
     )
 
@@ -87,6 +88,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="allow checkpoints that are whole pickled models: loading them RUNS CODE from the file")
     p.add_argument("--keep-going", action="store_true",
                    help="when a victim fails, finish the others and report the failures at the end")
+    p.add_argument("--no-references", action="store_true",
+                   help="ignore reference models under <bundle>/references/ (LiRA/RMIA candidates)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a seconds-long toy build (tests, smoke checks)")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date bundle exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    from mia import references
+
+    references.add_parser(sub)
     return parser
 
 
@@ -192,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_check(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "references":
+            from mia import references
+
+            if args.bundle is None:
+                args.bundle = default_bundle(progress=not args.quiet)
+            return references.run_cli(args)
     except MIAError as e:
         if args.debug:
             raise

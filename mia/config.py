@@ -40,6 +40,7 @@ class RunConfig:
     cache: bool = True  # cache logits under <bundle>/.cache/logits, keyed by file contents
     trust_checkpoints: bool = False  # allow checkpoints that are whole pickled models (runs their code)
     keep_going: bool = False  # on a failing victim, finish the others and report the failure
+    references: bool = True  # use reference models under <bundle>/references/ when present (LiRA, RMIA)
     victims: tuple[str, ...] | None = None  # only these victims (<arch>_<dataset>); None = all
     extra: dict = field(default_factory=dict)  # free-form notes carried into result.json
 

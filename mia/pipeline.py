@@ -5,6 +5,7 @@ The notebook calls the same steps one by one (``score_victim``, ``attack_victim`
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +36,16 @@ class VictimData:
     test_logits: np.ndarray  # (V, n_test, classes) float32
     cache_hits: int  # how many of the two logit arrays came from the cache
     seconds: float  # wall time of loading and scoring
+    reference: dict[str, dict[str, np.ndarray]] | None = None  # LiRA/RMIA features per split, if any
+    n_reference_models: int = 0
 
     def posterior(self, split: str) -> dict[str, np.ndarray]:
-        """Signals for posterior access on 'eval' or 'test'."""
+        """Signals for posterior access on 'eval' or 'test' (with LiRA/RMIA when references exist)."""
         recs, logits = (self.eval, self.eval_logits) if split == "eval" else (self.test, self.test_logits)
-        return attacks.posterior_features(logits, recs.labels, self.view_names)
+        feats = attacks.posterior_features(logits, recs.labels, self.view_names)
+        if self.reference is not None:
+            feats.update(self.reference[split])
+        return feats
 
     def predicted_labels(self, split: str) -> np.ndarray:
         """(V, n) int64 predicted labels: all that a label-only attacker gets to see."""
@@ -101,8 +107,20 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         if logits.shape[-1] != info.num_classes:
             raise MIAError(f"{victim.name}: model outputs {logits.shape[-1]} classes, weights say {info.num_classes}")
         out[split] = logits
-    return VictimData(victim, info, eval_recs, test_recs, answers, [v.name for v in views], out["eval"], out["test"],
-                      hits, time.perf_counter() - t0)
+    data = VictimData(victim, info, eval_recs, test_recs, answers, [v.name for v in views], out["eval"], out["test"],
+                      hits, 0.0)
+    if config.references:
+        from mia.reference_attacks import reference_features
+        from mia.references import references_folder
+
+        data.reference = reference_features(bundle.root, victim, data.eval_logits, data.test_logits, eval_recs.labels,
+                                            test_recs.labels, data.view_names, device=config.device,
+                                            batch_size=config.batch_size, progress=progress)
+        if data.reference is not None:
+            manifest = references_folder(bundle.root, victim) / "manifest.json"
+            data.n_reference_models = len(json.loads(manifest.read_text()).get("complete", []))
+    data.seconds = time.perf_counter() - t0
+    return data
 
 
 @dataclass
@@ -200,6 +218,8 @@ def run(bundle: Bundle | str | Path, config: RunConfig | None = None, *, progres
         result.victims[victim.name] = data
         result.outcomes.extend(outcomes)
         cached = " (logits from cache)" if data.cache_hits == 2 else ""
+        if data.reference is not None:
+            cached += f", {data.n_reference_models} reference models (LiRA, RMIA)"
         log(f"{victim.name}: {len(data.eval)} eval + {len(data.test)} test records, {len(data.view_names)} views, "
             f"scored in {data.seconds:.1f}s{cached}")
     result.seconds = time.perf_counter() - t0

@@ -28,10 +28,13 @@ rmia          RMIA (Zarifzadeh et al. 2024, "Low-cost high-power membership infe
               O((n + m) log m) time, O(n + m) memory, never an n x m array.
 ============  ===================================================================================
 
-Variances (LiRA): the mean and unbiased variance of each group per record and view, or a global
-variance per view and group (the within-record deviations pooled over all records) when few
-models are available: ``global_variance=None`` chooses global when K < 16 (Carlini et al. do the
-same for small K). A record whose group has fewer than two models always uses the global one;
+Variances (LiRA): the mean and unbiased variance of each group per record and view, or one global
+variance per view shared by IN and OUT (the within-record deviations of both groups pooled over all
+records) when few models are available: ``global_variance=None`` chooses global when K < 16
+(Carlini et al. fix the variance for small K too). With a shared variance the online score is
+linear in the victim's statistic, so it cannot turn against a record the victim fits far better
+than any reference (which separate IN and OUT variances do when IN is the narrower one: weakly
+trained references). A record whose group has fewer than two models uses the global variance;
 variances are floored at MIN_VARIANCE. A record with no IN (or no OUT) model, which happens only
 with an incomplete reference set, gets that group's mean as the other group's mean shifted by the
 average IN - OUT difference of the records that have both.
@@ -138,8 +141,8 @@ def fit_gaussians(reference: np.ndarray, in_mask: np.ndarray, *, global_variance
 
     reference: (K, V, n) statistic of each reference model; in_mask: (K, n) bool.
     global_variance: True / False forces it; None means global when K < AUTO_GLOBAL_BELOW.
-    Means are the group means; variances the unbiased per-record ones (ddof=1) or the pooled
-    within-record variance per view (see the module docstring). ValueError when no record has both
+    Means are the group means; variances the unbiased per-record ones (ddof=1) or the within-record
+    variance of both groups pooled per view (see the module docstring). ValueError when no record has both
     an IN and an OUT model.
     """
     reference, in_mask = _check_shapes(reference, in_mask)
@@ -153,20 +156,18 @@ def fit_gaussians(reference: np.ndarray, in_mask: np.ndarray, *, global_variance
     mu_in = np.where(n_in > 0, mu_in, mu_out + shift)
     mu_out = np.where(n_out > 0, mu_out, mu_in - shift)
 
-    g_in, g_out = _pooled(ss_in, n_in), _pooled(ss_out, n_out)
-    g_in = np.where(np.isnan(g_in), g_out, g_in)  # no degrees of freedom in a group: borrow the other's
-    g_out = np.where(np.isnan(g_out), g_in, g_out)
-    spread = reference.var(axis=(0, 2))  # last resort: the spread of all reference statistics
-    g_in = np.where(np.isnan(g_in), spread, g_in)
-    g_out = np.where(np.isnan(g_out), spread, g_out)
+    # One variance per view shared by both groups: the within-record deviations of IN and OUT pooled.
+    pooled = _pooled(np.concatenate([ss_in, ss_out], axis=1), np.concatenate([n_in, n_out]))
+    spread = reference.var(axis=(0, 2))  # no degrees of freedom at all: the spread of every statistic
+    pooled = np.where(np.isnan(pooled), spread, pooled)[:, None]  # (V, 1)
 
     shape = mu_in.shape
     if use_global:
-        var_in = np.broadcast_to(g_in[:, None], shape).copy()
-        var_out = np.broadcast_to(g_out[:, None], shape).copy()
+        var_in = np.broadcast_to(pooled, shape).copy()
+        var_out = var_in.copy()
     else:
-        var_in = np.where(n_in >= 2, ss_in / np.maximum(n_in - 1, 1), g_in[:, None])
-        var_out = np.where(n_out >= 2, ss_out / np.maximum(n_out - 1, 1), g_out[:, None])
+        var_in = np.where(n_in >= 2, ss_in / np.maximum(n_in - 1, 1), pooled)
+        var_out = np.where(n_out >= 2, ss_out / np.maximum(n_out - 1, 1), pooled)
     return GaussianFit(mu_in, np.maximum(var_in, min_variance), mu_out, np.maximum(var_out, min_variance),
                        n_in, n_out, use_global)
 

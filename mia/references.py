@@ -66,6 +66,7 @@ __all__ = [
     "ReferenceSet",
     "add_parser",
     "augment_batch",
+    "default_arch_dirs",
     "load_pool",
     "load_reference_set",
     "make_masks",

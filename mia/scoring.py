@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-CACHE_FORMAT = 1  # bump when the logits a cache file holds would change
+CACHE_FORMAT = 2  # bump when the logits a cache file holds would change
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,13 @@ def compute_logits(
 ) -> np.ndarray:
     """Logits of ``model`` on ``images`` (n, C, H, W) float32 under each view -> (V, n, classes) float32.
 
-    On CUDA the model runs in bf16 autocast with channels_last and pinned, non-blocking copies; on the
-    CPU in float32. The model is put in eval mode.
+    The model runs in channels_last memory format (about 2x faster convolutions on the CPU as well);
+    on CUDA in bf16 autocast with pinned, non-blocking copies, on the CPU in float32. The model is put
+    in eval mode.
     """
     dev = resolve_device(device)
-    model = model.to(dev).eval()
+    model = model.to(dev).eval().to(memory_format=torch.channels_last)
     cuda = dev.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
     x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     if cuda:
         x_all = x_all.pin_memory()
@@ -96,8 +95,7 @@ def compute_logits(
     for start in bar:
         x = x_all[start : start + batch_size].to(dev, non_blocking=True)
         batch = torch.cat([apply_view(x, v) for v in views])  # (V*B, C, H, W): one forward for all views
-        if cuda:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
             out = model(batch)
         chunks.append(out.float().reshape(len(views), x.shape[0], -1))

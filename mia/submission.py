@@ -88,6 +88,7 @@ def build_result_json(result) -> dict:
             "n_test": len(data.test),
             "has_answers": data.answers is not None,
             "views": data.view_names,
+            "reference_models": data.n_reference_models,
         }
     tasks: dict[str, dict] = {}
     for o in result.outcomes:

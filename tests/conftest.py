@@ -43,11 +43,12 @@ def _one_torch_thread():
 
 @pytest.fixture(autouse=True)
 def _torch_rng_one_thread(_one_torch_thread):
-    """Per test: torch's RNG restored afterwards, and one thread even if a test changed it."""
+    """Per test: torch seeded with 0 and its RNG restored afterwards, one thread even if a test changed it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             yield
     finally:
         torch.set_num_threads(threads)

@@ -89,9 +89,11 @@ def test_label_only_features_by_hand():
     predicted = np.array([[0, 1, 0, 3], [0, 0, 0, 3], [1, 1, 2, 3]], dtype=np.int64)
     labels = np.array([0, 1, 2, 3])
     feats = label_only_features(predicted, labels)
-    assert list(feats) == ["correctness", "aug_correct_count"]
+    assert list(feats) == ["correctness", "aug_correct_count", "view1_correct", "view2_correct"]
     np.testing.assert_array_equal(feats["correctness"], [1.0, 1.0, 0.0, 1.0])
     np.testing.assert_array_equal(feats["aug_correct_count"], [2.0, 2.0, 1.0, 3.0])
+    np.testing.assert_array_equal(feats["view1_correct"], [1.0, 0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(feats["view2_correct"], [0.0, 1.0, 1.0, 1.0])
     assert all(v.dtype == np.float64 for v in feats.values())
     # one view: correctness only; any integer dtype is accepted
     single = label_only_features(predicted[:1].astype(np.int32), labels)
@@ -269,9 +271,42 @@ def test_candidate_names_and_lists():
     assert Candidate("class", "hinge").name == "hinge@class"
     names = ["confidence", "correctness", "aug_mean_lsc"]
     strong = [c.name for c in attacks.strong_posterior_candidates(names)]
-    assert strong == ["confidence", "aug_mean_lsc", "confidence@class", "aug_mean_lsc@class", "logreg"]
+    assert strong == ["confidence", "aug_mean_lsc", "confidence@class", "aug_mean_lsc@class", "logreg",
+                      "logreg_class"]
     label = [c.name for c in attacks.strong_label_only_candidates(["correctness", "aug_correct_count"])]
-    assert label == ["correctness", "aug_correct_count", "aug_correct_count@class"]
+    assert label == ["correctness", "aug_correct_count", "correctness@class", "aug_correct_count@class"]
+    label = [c.name for c in attacks.strong_label_only_candidates(["correctness", "aug_correct_count",
+                                                                    "view1_correct"])]
+    assert label[-2:] == ["logreg", "logreg_class"]
     with pytest.raises(ValueError):
         select(attacks.SEED_POSTERIOR, {}, np.zeros(2, np.int64), np.zeros(2), {}, np.zeros(2, np.int64),
                selection="best")
+
+
+def test_class_standardized_logreg_uses_class_offsets():
+    # members score 1 higher than non-members, but each class sits at its own offset (0, 5, 10):
+    # only a model that knows the class can separate well; logreg_class sees per-class z-scores
+    rng = np.random.default_rng(3)
+    n = 1200
+    labels = rng.integers(0, 3, n)
+    membership = rng.integers(0, 2, n)
+    x = 5.0 * labels + membership + 0.5 * rng.standard_normal(n)
+    feats = {"s": x}
+    plain = select((Candidate("logreg", features=("s",)),), feats, labels, membership, feats, labels,
+                   test_membership=membership).candidates[0]
+    by_class = select((Candidate("logreg_class", features=("s",)),), feats, labels, membership, feats, labels,
+                      test_membership=membership).candidates[0]
+    # Bayes accuracy with sd 0.5 and a gap of 1: Phi(1) = 0.841
+    assert by_class.cv["accuracy"] > 0.80
+    assert by_class.cv["accuracy"] > plain.cv["accuracy"] + 0.1
+
+
+def test_one_standard_error_rule_prefers_higher_auc_among_near_ties():
+    def report(name, acc, auc):
+        return attacks.CandidateReport(name, "", {"accuracy": acc, "auc": auc}, {}, {})
+
+    # n = 2500, best accuracy 0.6: one standard error = sqrt(0.6 * 0.4 / 2500) = 0.0098
+    reports = [report("a", 0.600, 0.60), report("b", 0.592, 0.70), report("c", 0.585, 0.90)]
+    assert attacks._one_standard_error_choice(reports, 2500) == "b"  # c is 0.015 below: too far
+    reports = [report("a", 0.600, 0.60), report("b", 0.600, 0.60)]
+    assert attacks._one_standard_error_choice(reports, 2500) == "a"  # full tie: the earlier one

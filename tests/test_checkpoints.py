@@ -26,19 +26,6 @@ ARCHS = list(ARCHITECTURES)
 DIRS = [REPO_ARCH_DIR]
 
 
-@pytest.fixture(autouse=True)
-def _seeded_single_thread():
-    """Seed torch and restore its RNG afterwards; one thread (tiny models, often a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _tiny(arch: str, num_classes: int = 7, width: int = 8) -> torch.nn.Module:
     """A small model with non-trivial BatchNorm statistics, in eval mode."""
     model, _ = build_model(arch, num_classes, width, DIRS)

@@ -236,14 +236,6 @@ def test_fingerprint_ignores_where_not_what(tmp_path):
     assert base.fingerprint() != demo.DemoConfig.tiny(tmp_path / "a", seed=1).fingerprint()
 
 
-def test_best_threshold_accuracy_by_hand():
-    # member <=> score >= t. Sorted: 0.1(out) 0.35(in) 0.4(out) 0.8(in): cut at 0.35 or at 0.8 -> 3/4
-    assert demo._best_threshold_accuracy(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
-    # tied scores cannot be separated: all-member or all-non-member, 1/2
-    assert demo._best_threshold_accuracy(np.array([1.0, 1.0]), np.array([0, 1])) == 0.5
-    assert demo._best_threshold_accuracy(np.array([0.0, 1.0, 2.0]), np.array([0, 1, 1])) == 1.0
-
-
 # ------------------------------------------------------------------------------------------------
 # A tiny build from the real data
 

@@ -43,19 +43,6 @@ def _default_state_dict(arch: str) -> dict[str, torch.Tensor]:
     return _default_model(arch).state_dict()
 
 
-@pytest.fixture(autouse=True)
-def _seeded_single_thread():
-    """Seed torch and restore its RNG afterwards; one thread (tiny models, often a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("arch, n_keys", [("resnet34", 218), ("vgg16", 93), ("mobilenetv2", 344)])
 def test_key_count_at_default_width(arch, n_keys):
     assert len(_default_state_dict(arch)) == n_keys

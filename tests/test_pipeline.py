@@ -256,7 +256,8 @@ def test_label_task_sees_only_integer_labels(two_runs, monkeypatch):
     for dtype, shape in seen:
         assert np.issubdtype(dtype, np.integer)
         assert len(shape) == 2 and shape[0] == len(data.view_names)
-    assert set(outcome.eval_features) == {"correctness", "aug_correct_count"}
+    assert set(outcome.eval_features) == {"correctness", "aug_correct_count"} | {
+        f"view{v}_correct" for v in range(1, len(data.view_names))}
     assert outcome.used.chosen in {c.name for c in attacks.strong_label_only_candidates(list(outcome.eval_features))}
 
 

@@ -68,14 +68,15 @@ def test_lira_per_record_variance_by_hand():
 
 def test_lira_global_variance_by_hand_and_auto():
     fit = fit_gaussians(REF, MASK, global_variance=True)
-    # pooled IN: squared deviations (1 + 1) + (1 + 1) over 2 degrees of freedom = 2
-    # pooled OUT: (0.25 + 0.25) + (4 + 4) over 2 = 4.25
-    np.testing.assert_allclose(fit.var_in, [[2.0, 2.0]])
-    np.testing.assert_allclose(fit.var_out, [[4.25, 4.25]])
+    # squared deviations from the group means: IN (1 + 1) + (1 + 1), OUT (0.25 + 0.25) + (4 + 4);
+    # 12.5 over 8 values - 4 group means = 4 degrees of freedom: 3.125, shared by IN and OUT
+    np.testing.assert_allclose(fit.var_in, [[3.125, 3.125]])
+    np.testing.assert_allclose(fit.var_out, [[3.125, 3.125]])
     online = lira_online(TARGET, fit)
-    expected0 = _log_normal(3, 3, 2) - _log_normal(3, 0.5, 4.25)
-    expected1 = _log_normal(8, 8, 2) - _log_normal(8, 3, 4.25)
+    expected0 = _log_normal(3, 3, 3.125) - _log_normal(3, 0.5, 3.125)  # = 2.5^2 / 6.25 = 1
+    expected1 = _log_normal(8, 8, 3.125) - _log_normal(8, 3, 3.125)  # = 5^2 / 6.25 = 4
     np.testing.assert_allclose(online, [expected0, expected1], rtol=1e-12)
+    np.testing.assert_allclose(online, [1.0, 4.0], rtol=1e-12)
     auto = fit_gaussians(REF, MASK)  # K = 4 < 16: global
     assert auto.global_variance and not fit_gaussians(REF, MASK, global_variance=False).global_variance
     np.testing.assert_allclose(lira_online(TARGET, auto), online)
@@ -108,7 +109,9 @@ def test_lira_orientation_and_missing_group():
     fit3 = fit_gaussians(ref, mask, global_variance=False)
     shift = ((3.0 - 0.5) + (8.0 - 3.0)) / 2
     assert fit3.mu_out[0, 2] == 3.0 and fit3.mu_in[0, 2] == pytest.approx(3.0 + shift)
-    assert fit3.var_in[0, 2] == pytest.approx(2.0)  # no IN model: the pooled IN variance
+    # no IN model: the pooled variance; record 2's OUT values 1, 2, 3, 6 (mean 3) add
+    # 4 + 1 + 0 + 9 = 14 to the 12.5 above and 3 degrees of freedom to the 4
+    assert fit3.var_in[0, 2] == pytest.approx((12.5 + 14.0) / 7)
 
 
 def test_lira_rejects_bad_shapes():
