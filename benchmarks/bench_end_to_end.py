@@ -90,16 +90,16 @@ class EndToEndConfig:
 def resolve_bundle(cfg: EndToEndConfig, tmp: Path, log=print) -> tuple[Path, str]:
     """(bundle folder to copy from, description)."""
     if cfg.bundle is not None and not cfg.tiny:
-        return Path(cfg.bundle).resolve(), f"{cfg.bundle}"
+        return Path(cfg.bundle).resolve(), f"bundle {cfg.bundle}"
     if not cfg.tiny:
         demo = default_bundle(build=False)
         if is_challenge_bundle(demo):
-            return demo, f"demo bundle {demo}"
+            return demo, f"the demo bundle {demo}"
         log(f"e2e: no demo bundle at {demo} (build it with `python -m mia demo`); using a tiny one")
     from mia.demo import DemoConfig, build_demo
 
     built = build_demo(DemoConfig.tiny(tmp / "tiny-demo"), progress=False)
-    return built.path, "tiny demo bundle (DemoConfig.tiny)" + ("" if cfg.tiny else ": the demo bundle is not built")
+    return built.path, "a tiny demo bundle (DemoConfig.tiny)" + ("" if cfg.tiny else ": the demo bundle is not built")
 
 
 def copy_inputs(src: Path, dst: Path) -> Path:
@@ -205,10 +205,10 @@ def _report(cfg: EndToEndConfig, described: str, rows: list[dict], children: lis
                "peak GPU MiB" if cuda else ""]
     if not cuda:
         headers, table_rows = headers[:-1], [row[:-1] for row in table_rows]
-    table = (f"### End to end on the {described} ({n_victims} victims, plots off, device {cfg.device})\n\n"
+    table = (f"### End to end on {described} ({n_victims} victims, plots off, device {cfg.device})\n\n"
              + markdown_table(headers, table_rows))
     warm_child = [c for c in children if c["mode"] == "warm"]
-    if cfg.tiny or described.startswith("tiny"):
+    if cfg.tiny or described.startswith("a tiny"):
         check = Check(f"warm re-run of the demo under {WARM_TARGET_S:g} s on 2 CPU cores",
                       "not measured: tiny bundle (build the demo bundle with `python -m mia demo`)", None)
     else:

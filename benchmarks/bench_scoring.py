@@ -7,8 +7,8 @@ signals per record, on the same model weights, on the same device:
   over records computing softmax / entropy / modified entropy / loss with numpy and ``math``, as
   notebook solutions typically do;
 * project (``project_scoring``): ``mia.scoring.compute_logits`` (identity view, batch 256; bf16
-  autocast + channels_last on CUDA, fp32 on the CPU) then ``mia.signals.all_signals`` (all seven
-  signals, vectorized, float64).
+  autocast on CUDA, fp32 on the CPU, in the memory format it chooses) then
+  ``mia.signals.all_signals`` (all seven signals, vectorized, float64).
 
 The two are timed alternately, ``repeat`` times; the ratio is the median of per-repetition ratios.
 Model FLOPs per record come from ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts
@@ -149,7 +149,7 @@ def _measure_model(arch: str, size: int, cfg: ScoringConfig, dev: torch.device) 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model, _ = build_model(arch, cfg.num_classes, width, [MODELS_DIR])
-    naive_model = copy.deepcopy(model).to(dev).eval()  # compute_logits changes its model's layout on CUDA
+    naive_model = copy.deepcopy(model).to(dev).eval()  # compute_logits may change its model in place
     flops = flops_per_record(model, size)
     rng = np.random.default_rng(cfg.seed)
     images = rng.standard_normal((cfg.n, 3, size, size), dtype=np.float32)
@@ -251,7 +251,7 @@ def run(config: ScoringConfig | None = None, log=print) -> BenchResult:
         if cuda:
             cells += [fmt(r["cuda_max_memory_mib"])]
         table_rows.append(cells)
-    precision = "bf16 autocast, channels_last" if cuda else "fp32"
+    precision = "bf16 autocast" if cuda else "fp32"
     model_table = (
         f"### Scoring throughput on {dev} ({cfg.n} records, median of {cfg.repeat} interleaved runs)\n\n"
         f"baseline: fp32, batch {NAIVE_BATCH}, `.cpu()` per batch, 4 signals per record in Python; "

@@ -50,7 +50,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mia.bundle import REPO_MODELS_DIR, Victim
@@ -58,6 +57,7 @@ from mia.checkpoints import build_model, infer_num_classes, infer_width, load_st
 from mia.data import Records, load_records, records_from_objects, safe_load_pickle
 from mia.errors import CheckpointError, MIAError
 from mia.scoring import IDENTITY, View, atomic_save_npy, compute_logits, file_digest, resolve_device
+from mia.training import TrainRecipe, train_classifier
 
 __all__ = [
     "REFERENCES_FORMAT",
@@ -65,7 +65,6 @@ __all__ = [
     "ReferenceRecipe",
     "ReferenceSet",
     "add_parser",
-    "augment_batch",
     "default_arch_dirs",
     "load_pool",
     "load_reference_set",
@@ -82,7 +81,6 @@ REFERENCES_FORMAT = 1  # bump when a change makes existing reference folders inc
 LOGITS_FORMAT = 1  # bump when cached reference logits would change
 _MASK_TAG = 0x6D61736B  # "mask": separates the mask stream from the model seeds
 _MODEL_TAG = 0x6D6F646C  # "modl"
-_SCHEDULES = ("cosine", "constant")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,12 +94,11 @@ class ReferenceRecipe:
     k: int = 8  # number of reference models; even, each record is IN for exactly k/2 of them
     epochs: int = 15  # training epochs per model
     batch_size: int = 128  # SGD batch size
-    lr: float = 0.05  # peak learning rate
+    lr: float = 0.05  # peak learning rate; cosine decay to 0 per step over all epochs
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # SGD weight decay
-    schedule: str = "cosine"  # "cosine": decay to 0 per step over all epochs; "constant"
     augment: bool = True  # random horizontal flip + random crop of the image zero-padded by `pad`
-    pad: int = 4  # padding (pixels) of the random crop
+    pad: int = 4  # padding (pixels) of the random crop; 0 = flips only
     seed: int = 0  # masks and every model's initialisation, batch order and augmentation
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"; not fingerprinted
     width: int | None = None  # model width; None: the victim's width (read from its weights)
@@ -114,8 +111,6 @@ class ReferenceRecipe:
             raise MIAError(f"epochs >= 1 and batch_size >= 2 are required, got {self.epochs} and {self.batch_size}")
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise MIAError("lr > 0, weight_decay >= 0 and 0 <= momentum < 1 are required")
-        if self.schedule not in _SCHEDULES:
-            raise MIAError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
         if self.pad < 0:
             raise MIAError(f"pad must be >= 0, got {self.pad}")
         if self.width is not None and self.width < 1:
@@ -123,6 +118,11 @@ class ReferenceRecipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def train_recipe(self) -> TrainRecipe:
+        """The mia.training recipe of one model."""
+        return TrainRecipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+                           weight_decay=self.weight_decay, augment=self.augment, pad=self.pad)
 
     @classmethod
     def from_dict(cls, data: dict) -> ReferenceRecipe:
@@ -236,77 +236,16 @@ def _model_seed(seed: int, j: int) -> int:
 # Training
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
-    """Random horizontal flip (probability 1/2), then a random HxW crop of the image zero-padded by ``pad``.
-
-    x: (B, C, H, W) on any device; the random numbers come from ``generator`` (CPU), so a run is
-    reproducible whatever the device. Returns a new (B, C, H, W) tensor.
-    """
-    b, c, h, w = x.shape
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-    shifts = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    if pad == 0:
-        return x
-    padded = F.pad(x, (pad, pad, pad, pad))
-    rows = shifts[0][:, None] + torch.arange(h, device=x.device)  # (B, H) rows of the padded image
-    cols = shifts[1][:, None] + torch.arange(w, device=x.device)  # (B, W)
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A shuffled epoch of index batches; a trailing batch of one joins the previous one (BatchNorm
-    in train mode cannot normalise a single record)."""
-    batches = list(torch.randperm(n, generator=generator).split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2:] = [torch.cat(batches[-2:])]
-    return batches
-
-
 def _fit_model(arch: str, num_classes: int, width: int, arch_dirs: list[Path], images: np.ndarray,
                labels: np.ndarray, recipe: ReferenceRecipe, seed: int, device: torch.device,
                desc: str, progress: bool) -> torch.nn.Module:
-    """Train one model from scratch on ``images`` (n, C, H, W) / ``labels`` (n,); returns it on the CPU, eval mode."""
+    """A model initialised from ``seed`` and trained on images (n, C, H, W) / labels (n,) with
+    mia.training.train_classifier (the demo victims' loop); returned on the CPU in eval mode."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, _ = build_model(arch, num_classes, width, arch_dirs)
-    cuda = device.type == "cuda"
-    model = model.to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    generator = torch.Generator().manual_seed(seed)
-    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
-    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
-    n = len(y_all)
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay)
-    steps_per_epoch = len(_batches(n, recipe.batch_size, torch.Generator().manual_seed(0)))
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs * steps_per_epoch)
-                 if recipe.schedule == "cosine" else None)
-    bar = tqdm(range(recipe.epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
-    for _ in bar:
-        model.train()
-        total_loss, total_correct = 0.0, 0
-        for batch in _batches(n, recipe.batch_size, generator):
-            batch = batch.to(device)
-            x, y = x_all[batch], y_all[batch]
-            if recipe.augment:
-                x = augment_batch(x, generator, recipe.pad)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total_loss += float(loss.detach()) * len(batch)
-            total_correct += int((logits.argmax(1) == y).sum())
-        bar.set_postfix(loss=f"{total_loss / n:.3f}", acc=f"{total_correct / n:.3f}")
+    train_classifier(model, images, labels, recipe.train_recipe(), seed=seed, device=device, desc=desc,
+                     progress=progress)
     return model.cpu().float().eval()
 
 
@@ -789,6 +728,8 @@ def add_parser(subparsers) -> object:
     p.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument("--no-augment", action="store_true", help="no random flip / crop during training")
+    p.add_argument("--pad", type=int, default=defaults.pad,
+                   help=f"zero padding of the random crop, 0 = flips only (default {defaults.pad})")
     p.add_argument("--width", type=int, default=None, help="model width (default: the victim's)")
     p.add_argument("--population", type=Path, default=None,
                    help="folder (or file) of extra .p records [image, label(, membership)] added to the pool")
@@ -809,7 +750,7 @@ def run_cli(args) -> int:
 
     shard = parse_shard(args.shard)
     recipe = ReferenceRecipe(k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             weight_decay=args.weight_decay, augment=not args.no_augment, seed=args.seed,
+                             weight_decay=args.weight_decay, augment=not args.no_augment, pad=args.pad, seed=args.seed,
                              device=args.device, width=args.width)
     recipe.validate()
     bundle_root = args.bundle if args.bundle is not None else default_bundle(progress=not args.quiet)

@@ -6,12 +6,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
-import torch
 
 from mia.bundle import discover
 from mia.checkpoints import load_victim_model
 from mia.data import load_records
-from mia.demo import DemoConfig, build_demo
 from mia.reference_attacks import (
     calibrated_aug_count,
     fit_gaussians,
@@ -25,18 +23,6 @@ from mia.reference_attacks import (
 )
 from mia.references import ReferenceRecipe, train_references
 from mia.scoring import FLIP, IDENTITY, compute_logits
-
-
-@pytest.fixture(autouse=True)
-def _seeded_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # Two records, four reference models, one view. Model k trains on record i where MASK[k, i].
@@ -199,10 +185,9 @@ def test_calibrated_aug_count_by_hand():
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("refattacks") / "demo"
-    build_demo(DemoConfig.tiny(out, archs=("vgg16",)), progress=False)
-    return discover(out)
+def bundle(tiny_bundle):
+    """The shared tiny demo bundle's VGG victim (read only: references go under tmp folders)."""
+    return discover(tiny_bundle, victims=["vgg16_fashionmnist"])
 
 
 def _victim_logits(bundle):

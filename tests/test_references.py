@@ -11,12 +11,10 @@ import torch
 
 import mia.references as refs
 from mia.bundle import discover
-from mia.demo import DemoConfig, build_demo
 from mia.errors import MIAError
 from mia.references import (
     ReferenceRecipe,
     add_parser,
-    augment_batch,
     load_pool,
     load_reference_set,
     make_masks,
@@ -27,41 +25,25 @@ from mia.references import (
     views_from_names,
 )
 from mia.scoring import FLIP, IDENTITY, STANDARD_VIEWS
+from mia.training import augment_batch
 
 RECIPE = ReferenceRecipe(k=4, epochs=1, batch_size=16, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def _seeded_single_thread():
-    """One thread (bitwise-reproducible CPU training, busy machines) and the caller's RNG restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            yield
-    finally:
-        torch.set_num_threads(threads)
+VICTIM = "vgg16_fashionmnist"  # the fastest of the tiny bundle's victims on a CPU
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    """A tiny demo bundle with one victim (width 4, 32 eval + 32 test records)."""
-    out = tmp_path_factory.mktemp("refs") / "demo"
-    build_demo(DemoConfig.tiny(out, archs=("vgg16",)), progress=False)
-    return discover(out)
+def bundle(tiny_bundle):
+    """The shared tiny demo bundle (read only: references go under tmp folders)."""
+    return discover(tiny_bundle, victims=[VICTIM])
 
 
 @pytest.fixture(scope="module")
 def trained(bundle, tmp_path_factory):
-    """k=4 references trained once (shared by the read-only tests), single-threaded like every test."""
+    """k=4 references trained once (shared by the read-only tests)."""
     root = tmp_path_factory.mktemp("trained")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # CPU results are bitwise reproducible at a fixed thread count only
-    try:
-        ref_set = train_references(bundle.root, bundle.victims[0], RECIPE, progress=False, references_root=root)
-    finally:
-        torch.set_num_threads(threads)
+    ref_set = train_references(bundle.root, bundle.victims[0], RECIPE, progress=False, references_root=root)
     return root, ref_set
 
 
@@ -101,12 +83,14 @@ def test_parse_shard():
 def test_recipe_validation():
     with pytest.raises(MIAError, match="even"):
         ReferenceRecipe(k=5).validate()
-    with pytest.raises(MIAError, match="schedule"):
-        ReferenceRecipe(schedule="step").validate()
+    with pytest.raises(MIAError, match="pad"):
+        ReferenceRecipe(pad=-1).validate()
+    assert RECIPE.train_recipe().pad == 4 and RECIPE.train_recipe().epochs == 1
     assert ReferenceRecipe.from_dict(RECIPE.to_dict()) == RECIPE
 
 
 # --------------------------------------------------------------------------------------------- augmentation
+# (mia.training.augment_batch: the augmentation every reference model is trained with)
 
 
 def test_augment_batch_flips_and_crops():
@@ -272,12 +256,13 @@ def test_reference_logits_shape_and_cache(trained, monkeypatch):
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_shard_then_merge(bundle, capsys):
+def test_cli_shard_then_merge(tiny_bundle, copy_bundle, tmp_path, capsys):
+    root = copy_bundle(tiny_bundle, tmp_path / "bundle")
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
-    common = ["references", "--bundle", str(bundle.root), "--k", "2", "--epochs", "1", "--batch-size", "16",
-              "--device", "cpu", "--quiet"]
+    common = ["references", "--bundle", str(root), "--victims", VICTIM, "--k", "2", "--epochs", "1",
+              "--batch-size", "16", "--device", "cpu", "--quiet"]
     assert run_cli(parser.parse_args(common + ["--shard", "1/2"])) == 0
     out = capsys.readouterr().out
     assert "1 of 2 reference models complete" in out and "model 001: OUT accuracy" in out and "missing: [0]" in out
@@ -285,4 +270,5 @@ def test_cli_shard_then_merge(bundle, capsys):
     assert "1 of 2 reference models complete" in capsys.readouterr().out
     assert run_cli(parser.parse_args(common)) == 0
     assert "2 of 2 reference models complete" in capsys.readouterr().out
-    assert (bundle.root / "references" / bundle.victims[0].name / "manifest.json").is_file()
+    assert (root / "references" / VICTIM / "manifest.json").is_file()
+    assert not (root / "references" / "resnet34_fashionmnist").exists()  # --victims
