@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 __all__ = [
     "BenchResult",
     "Check",
+    "best_ratio",
     "calls_per_sample",
     "fmt",
     "machine_info",
@@ -108,6 +109,18 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def python_speed_probe(iterations: int = 10_000_000) -> float:
+    """Seconds for a pure-Python loop of ``iterations`` additions: how fast this core is right now.
+
+    A typical desktop core needs about 0.5 s; a throttled or oversubscribed virtual one several times
+    that. It puts the absolute numbers of a run in context (the ratios need no such context)."""
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(iterations):
+        total += i
+    return time.perf_counter() - t0
+
+
 def machine_info(device: str) -> dict:
     """CPU model, cores, torch / numpy / python versions and the device the benchmarks use."""
     import numpy as np
@@ -123,6 +136,7 @@ def machine_info(device: str) -> dict:
         "python": platform.python_version(),
         "device": str(device),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python_loop_1e7_s": python_speed_probe(),
     }
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -163,3 +177,12 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int,
 def pair_ratio(times: dict[str, dict[str, list[float]]], slow: str, fast: str, clock: str = "wall") -> float:
     """Median over repetitions of time(slow) / time(fast): how many times faster ``fast`` is."""
     return median([a / b for a, b in zip(times[slow][clock], times[fast][clock])])
+
+
+def best_ratio(times: dict[str, dict[str, list[float]]], slow: str, fast: str, clock: str = "wall") -> float:
+    """min time(slow) / min time(fast): the ratio of the least disturbed runs of each.
+
+    Other jobs only ever add time, so on a busy machine the fastest of several interleaved runs is
+    the most reproducible estimate of each path's own speed.
+    """
+    return min(times[slow][clock]) / min(times[fast][clock])

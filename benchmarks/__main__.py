@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scoring: width of every architecture (default: 16 on CPU, the paper's on CUDA)")
     p.add_argument("--records", type=int, default=None,
                    help="scoring: records per timed call (default: 512 on CPU, 16384 on CUDA)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="scoring: torch threads for both paths (default: torch's own setting)")
     p.add_argument("--brute-force-cap", type=float, default=20.0, metavar="SECONDS",
                    help="sweep: extrapolate brute force when its projected time exceeds this (default 20)")
     p.add_argument("--bundle", type=Path, default=None,
@@ -59,7 +62,7 @@ def run_benchmarks(args: argparse.Namespace, log=print) -> dict[str, BenchResult
 
             widths = None if args.width is None else {a: args.width for a in ("resnet34", "vgg16", "mobilenetv2")}
             cfg = ScoringConfig(device=args.device, repeat=args.repeat, peak_tflops=args.peak_tflops,
-                                widths=widths, n=args.records)
+                                widths=widths, n=args.records, threads=args.threads)
             if args.tiny:
                 cfg.widths = widths or {"resnet34": 4, "vgg16": 4, "mobilenetv2": 4}
                 cfg.n = args.records or 64
@@ -87,6 +90,8 @@ def render(machine: dict, results: dict[str, BenchResult], seconds: float) -> st
         ["CPU", f"{machine['cpu']} ({machine['cores']} cores, {machine['cores_usable']} usable, "
                 f"torch threads {machine['torch_threads']})"],
         ["load average (1, 5, 15 min)", ", ".join(f"{x:.1f}" for x in machine["load_average"] or [])],
+        ["speed probe", f"pure-Python loop of 1e7 additions: {machine['python_loop_1e7_s']:.2f} s "
+                        "(a typical desktop core: about 0.5 s)"],
         ["device", machine["device"] + (f" ({machine['gpu']})" if "gpu" in machine else "")],
         ["versions", f"torch {machine['torch']}, numpy {machine['numpy']}, python {machine['python']}"],
     ])]
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = run_benchmarks(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     seconds = time.perf_counter() - t0
-    machine["load_average_after"] = machine_info(device)["load_average"]
+    machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(render(machine, results, seconds))
     if args.json is not None:
         doc = {

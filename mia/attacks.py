@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mia import signals as sig
+from mia.logistic import fit_logistic
 from mia.metrics import attack_metrics
 from mia.thresholds import ClassThresholds, predict, predict_per_class, sweep, sweep_per_class
 
@@ -124,9 +125,7 @@ class Fitted:
         if c.kind in ("global", "fixed"):
             return np.asarray(feats[c.signal], dtype=np.float64)
         if c.kind == "class":
-            ct = self.class_thresholds
-            t = np.array([ct.per_class.get(int(y), ct.global_threshold) for y in labels], dtype=np.float64)
-            return _shift(feats[c.signal], t)
+            return _shift(feats[c.signal], self.class_thresholds.for_labels(labels))
         return _learned_score(self.model, _learned_inputs(c, feats, labels, self.class_stats))
 
     def predict(self, feats: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
@@ -212,19 +211,16 @@ def fit(candidate: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, 
     class_stats = _class_stats(_matrix(feats, c.features), np.asarray(labels)) if c.kind == "logreg_class" else None
     x = _learned_inputs(c, feats, labels, class_stats)
     if c.kind in ("logreg", "logreg_class"):
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+        # StandardScaler + LogisticRegression(C=1) of scikit-learn, solved by Newton's method (mia.logistic)
+        model = fit_logistic(x, membership, c=1.0)
     elif c.kind == "boosting":
         from sklearn.ensemble import HistGradientBoostingClassifier
 
         model = HistGradientBoostingClassifier(max_iter=100, max_depth=3, learning_rate=0.05,
                                                l2_regularization=1.0, random_state=seed)
+        model.fit(x, membership)
     else:
         raise ValueError(f"unknown candidate kind {c.kind!r}")
-    model.fit(x, membership)
     fitted = Fitted(c, model=model, class_stats=class_stats)
     fitted.threshold = sweep(fitted.score(feats, labels), membership).best_threshold
     return fitted

@@ -83,7 +83,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="access level of task K: posterior or label (default 1=posterior 2=posterior 3=label)")
     p.add_argument("--victims", nargs="+", metavar="ARCH_DATASET", help="only these victims, e.g. vgg16_cifar10")
     p.add_argument("--no-plots", action="store_true", help="do not write results/plots/*.png")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the logits cache")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write <bundle>/.cache (logits, validated records, figures)")
     p.add_argument("--trust-checkpoints", action="store_true",
                    help="allow checkpoints that are whole pickled models: loading them RUNS CODE from the file")
     p.add_argument("--keep-going", action="store_true",
@@ -160,7 +160,8 @@ def _run(args, *, write: bool):
         n_png = sum(1 for k in written if k.endswith(".png"))
         print(f"wrote {n_npy} prediction files, {n_png} plots and result.json under {result.bundle.root}")
         if result.victims:
-            check_submission(result.bundle.root, tuple(t.task for t in config.tasks), set(result.victims))
+            check_submission(result.bundle.root, tuple(t.task for t in config.tasks), set(result.victims),
+                             cache=config.cache)
     print()
     print(report.summary_table(result))
     if any(d.answers is not None for d in result.victims.values()):

@@ -37,7 +37,7 @@ class RunConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     batch_size: int = 256  # records per forward pass (each expands to one image per view)
     plots: bool = True  # write results/plots/*.png
-    cache: bool = True  # cache logits under <bundle>/.cache/logits, keyed by file contents
+    cache: bool = True  # cache logits, validated records and figures under <bundle>/.cache, keyed by contents
     trust_checkpoints: bool = False  # allow checkpoints that are whole pickled models (runs their code)
     keep_going: bool = False  # on a failing victim, finish the others and report the failure
     references: bool = True  # use reference models under <bundle>/references/ when present (LiRA, RMIA)

@@ -701,17 +701,41 @@ def _validate_records(
     return Records(images=images, labels=labels, membership=membership, path=path)
 
 
-def load_records(path: str | Path, *, with_membership: bool, num_classes: int | None = None) -> Records:
+def load_records(path: str | Path, *, with_membership: bool, num_classes: int | None = None,
+                 cache_dir: str | Path | None = None) -> Records:
     """Safely load and validate a dataset pickle (eval: ``with_membership=True``; test: False).
 
     Returns Records with images (n, C, H, W) float32, labels (n,) int64 and membership (n,) int64
     or None. Raises DataError (UnsafePickleError for a refused global) naming the file and record.
+
+    cache_dir: when given, the validated arrays are kept there as ``.npz`` keyed by the file's
+    sha256 (mia.cache.cached_records), and later calls on the same content read them instead of
+    unpickling again; labels are checked against ``num_classes`` either way.
     """
+    if cache_dir is None:
+        return _load_validated(path, with_membership, num_classes)
+    from mia.cache import cached_records
+
+    recs, _ = cached_records(cache_dir, path, with_membership, lambda: _load_validated(path, with_membership, None))
+    if num_classes is not None:
+        _check_label_range(recs.labels, num_classes, Path(path))
+    return recs
+
+
+def _load_validated(path: str | Path, with_membership: bool, num_classes: int | None) -> Records:
     obj = safe_load_pickle(path)
     # Every image's data is in the file at 1 byte per value or more, so float32 needs at most 4x.
     max_image_bytes = 4 * _file_size(Path(path)) + (64 << 20)
     return _validate_records(obj, path=path, with_membership=with_membership, num_classes=num_classes,
                              max_image_bytes=max_image_bytes)
+
+
+def _check_label_range(labels: np.ndarray, num_classes: int, path: Path | None) -> None:
+    """The DataError _validate_records raises for the first label outside [0, num_classes)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(f"label {int(labels[i])} out of range: must be in [0, {num_classes})", path=path, index=i)
 
 
 # --------------------------------------------------------------------------- writing

@@ -83,8 +83,11 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
     """Load the victim's model and records and compute (or fetch from the cache) their logits."""
     t0 = time.perf_counter()
     model, info = load_victim_model(victim.arch, victim.checkpoint, bundle.arch_dirs, trust=config.trust_checkpoints)
-    eval_recs = load_records(victim.eval_path, with_membership=True, num_classes=info.num_classes)
-    test_recs = load_records(victim.test_path, with_membership=False, num_classes=info.num_classes)
+    records_cache = bundle.root / ".cache" if config.cache else None
+    eval_recs = load_records(victim.eval_path, with_membership=True, num_classes=info.num_classes,
+                             cache_dir=records_cache)
+    test_recs = load_records(victim.test_path, with_membership=False, num_classes=info.num_classes,
+                             cache_dir=records_cache)
     if eval_recs.images.shape[1:] != test_recs.images.shape[1:]:
         raise DataError(f"test images are {test_recs.images.shape[1:]} but eval images are "
                         f"{eval_recs.images.shape[1:]}", victim.test_path)

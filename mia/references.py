@@ -192,9 +192,10 @@ def load_pool(victim: Victim, population: str | Path | None = None, *, num_class
     ``[image, label, membership]``. Raises DataError for a bad file and MIAError when image shapes
     differ between the files.
     """
+    cache = Path(bundle_root) / ".cache" if bundle_root is not None else None  # the run's records cache
     parts: list[tuple[str, Records]] = [
-        ("eval", load_records(victim.eval_path, with_membership=True, num_classes=num_classes)),
-        ("test", load_records(victim.test_path, with_membership=False, num_classes=num_classes)),
+        ("eval", load_records(victim.eval_path, with_membership=True, num_classes=num_classes, cache_dir=cache)),
+        ("test", load_records(victim.test_path, with_membership=False, num_classes=num_classes, cache_dir=cache)),
     ]
     if population is not None:
         parts += [("population", _load_population_file(p, num_classes)) for p in _population_files(Path(population))]
@@ -490,7 +491,8 @@ class ReferenceSet:
             if s["role"] == "population":
                 recs = _load_population_file(path, self.manifest["num_classes"])
             else:
-                recs = load_records(path, with_membership=s["role"] == "eval", num_classes=self.manifest["num_classes"])
+                recs = load_records(path, with_membership=s["role"] == "eval", num_classes=self.manifest["num_classes"],
+                                    cache_dir=self.bundle_root / ".cache")
             parts.append(recs)
         return Pool(images=np.concatenate([r.images for r in parts]), labels=np.concatenate([r.labels for r in parts]),
                     n_eval=self.n_eval, n_test=self.n_test, sources=sources)

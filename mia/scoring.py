@@ -7,8 +7,6 @@ only thing computed with the model; every signal is derived from them in float64
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from mia.cache import atomic_save_npy, file_digest  # noqa: F401  (re-exported: used by references)
 
 CACHE_FORMAT = 2  # bump when the logits a cache file holds would change
 
@@ -104,34 +104,12 @@ def compute_logits(
     return torch.cat(chunks, dim=1).cpu().numpy()
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_key(checkpoint: Path, data: Path, views: tuple[View, ...], architecture_file: Path | None) -> str:
     """Content hash of everything the logits depend on: weights, records, views, architecture code."""
     h = hashlib.sha256(f"format={CACHE_FORMAT};views={[v.name for v in views]}".encode())
     for p in (checkpoint, data, architecture_file):
         h.update((file_digest(p) if p is not None else "-").encode())
     return h.hexdigest()[:24]
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save to a temp file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cached_logits(

@@ -127,11 +127,20 @@ def write_run(result, *, plots: bool | None = None) -> dict[str, Path]:
     text = json.dumps(doc, indent=2, sort_keys=False) + "\n"
     written: dict[str, Path] = {}
     if plots if plots is not None else result.config.plots:  # figures first: a plotting error writes nothing else
-        written.update(plotting.save_run_plots(result, results_dir / "plots"))
+        cache = root / ".cache" if result.config.cache else None
+        written.update(plotting.save_run_plots(result, results_dir / "plots", cache_dir=cache))
     for o in result.outcomes:
         path = results_dir / o.file_name
         atomic_save_npy(path, o.used.test_predictions.astype(np.int64))
         written[o.file_name] = path
+    # A victim that failed this time (--keep-going) must not keep an earlier run's predictions or figures:
+    # the submission would mix runs without saying so. result.json lists the failure.
+    for name in result.failures:
+        if name in {v.name for v in result.bundle.victims}:
+            for t in result.config.tasks:
+                (results_dir / f"task{t.task}_{name}.npy").unlink(missing_ok=True)
+            for png in (results_dir / "plots").glob(f"{name}_*.png"):
+                png.unlink(missing_ok=True)
     atomic_write_text(root / "result.json", text)
     written["result.json"] = root / "result.json"
     return written
@@ -146,13 +155,14 @@ class CheckReport:
 
 
 def check_submission(root: str | Path, tasks: tuple[int, ...] | None = None,
-                     victims: set[str] | None = None) -> CheckReport:
+                     victims: set[str] | None = None, *, cache: bool = True) -> CheckReport:
     """Validate ``results/*.npy`` against the bundle's test files.
 
     For every test file ``datasets/test/<dataset>_<arch>.p`` and every task (from result.json's config
     when present, else 1, 2, 3) the file ``results/task{K}_<arch>_<dataset>.npy`` must exist and hold
     a 1-d integer array of 0/1 with one value per test record. ``victims`` (names ``<arch>_<dataset>``)
-    limits the check to those. Raises SubmissionError listing every problem; returns the report when
+    limits the check to those. With ``cache``, test files are read through the records cache under
+    ``<root>/.cache`` (the run that wrote the predictions left them there). Raises SubmissionError listing every problem; returns the report when
     all is well.
     """
     from mia.bundle import parse_data_name
@@ -179,7 +189,7 @@ def check_submission(root: str | Path, tasks: tuple[int, ...] | None = None,
             dataset, arch = parse_data_name(tf)
             if victims is not None and f"{arch}_{dataset}" not in victims:
                 continue
-            n = len(load_records(tf, with_membership=False))
+            n = len(load_records(tf, with_membership=False, cache_dir=root / ".cache" if cache else None))
         except MIAError as e:
             report.errors.append(str(e))
             continue

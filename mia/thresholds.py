@@ -57,6 +57,13 @@ class ClassThresholds:
     per_class: dict[int, float]  # label -> threshold, for every label seen while fitting
     fallback_classes: list[int] = field(default_factory=list)  # labels that use global_threshold
 
+    def for_labels(self, labels) -> np.ndarray:
+        """(n,) float64: the threshold of each record's label (the global one for unseen labels)."""
+        lab = np.asarray(labels, dtype=np.int64)
+        classes, inverse = np.unique(lab, return_inverse=True)
+        per_label = [self.per_class.get(c, self.global_threshold) for c in classes.tolist()]
+        return np.asarray(per_label, dtype=np.float64)[inverse.reshape(lab.shape)]
+
 
 def _to_numpy(x: object) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor
@@ -88,7 +95,7 @@ def _as_binary(x: object, n: int | None, name: str) -> np.ndarray:
         raise ValueError(f"{name} must have shape ({n},) to match the scores, got {m.shape}")
     if m.size and m.dtype.kind not in "fiub":
         raise ValueError(f"{name} must be 0/1 numbers, got dtype {m.dtype}")
-    if m.size and not np.isin(m, (0, 1)).all():
+    if m.size and not ((m == 0) | (m == 1)).all():
         raise ValueError(f"{name} must contain only 0 and 1")
     return m.astype(np.int64)
 
@@ -208,7 +215,4 @@ def predict_per_class(scores, labels, ct: ClassThresholds) -> np.ndarray:
     """(n,) int64 0/1 using each record's label threshold; labels never seen use the global one."""
     s = _as_scores(scores)
     lab = _as_labels(labels, s.shape[0])
-    classes, inverse = np.unique(lab, return_inverse=True)
-    per_label = [ct.per_class.get(c, ct.global_threshold) for c in classes.tolist()]
-    t = np.asarray(per_label, dtype=np.float64)[inverse]
-    return (s >= t).astype(np.int64)
+    return (s >= ct.for_labels(lab)).astype(np.int64)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import BenchResult, Check, calls_per_sample, fmt, interleaved, markdown_table, pair_ratio
+from benchmarks import BenchResult, Check, best_ratio, calls_per_sample, fmt, interleaved, markdown_table, pair_ratio
 from benchmarks.__main__ import main as bench_main
 from benchmarks.bench_scoring import ScoringConfig, naive_signals
 from benchmarks.bench_scoring import run as run_scoring
@@ -47,6 +47,7 @@ def test_interleaved_counts_every_call_and_ratio():
     assert set(times) == {"a", "b"} and all(len(times[k][c]) == 3 for k in times for c in ("wall", "cpu"))
     fake = {"slow": {"wall": [4.0, 6.0, 9.0]}, "fast": {"wall": [1.0, 2.0, 3.0]}}
     assert pair_ratio(fake, "slow", "fast") == 3.0  # median of 4, 3, 3
+    assert best_ratio(fake, "slow", "fast") == 4.0  # fastest of each: 4 / 1
     assert calls_per_sample(lambda: None, min_seconds=0.0) == 1
 
 
@@ -137,11 +138,17 @@ def test_scoring_benchmark_toy():
     assert isinstance(check.passed, bool)
 
 
-def test_scoring_peak_fraction_when_peak_given():
+def test_scoring_peak_fraction_and_threads():
+    import torch
+
+    before = torch.get_num_threads()
     cfg = ScoringConfig(archs=("vgg16",), sizes=(32,), n=4, widths={"vgg16": 4}, device="cpu", repeat=1,
-                        signal_n=20, peak_tflops=1.0)
-    (row,) = [r for r in run_scoring(cfg, log=_quiet).rows if "arch" in r]
+                        signal_n=20, peak_tflops=1.0, threads=2)
+    res = run_scoring(cfg, log=_quiet)
+    (row,) = [r for r in res.rows if "arch" in r]
     assert row["project_peak_fraction"] == pytest.approx(row["project_tflops"] / 1.0)
+    assert res.settings["torch_threads_used"] == 2 and "2 torch thread(s)" in res.tables[0]
+    assert torch.get_num_threads() == before  # restored
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +171,7 @@ def test_end_to_end_on_tiny_bundle(tiny_bundle):
     assert cold["cache_hits"] == 0 and warm["cache_hits"] == 6
     assert warm["files_written"] == cold["files_written"] == 3 * 3 + 1  # 3 tasks x 3 victims + result.json
     children = [r for r in res.rows if r.get("where") == "child"]
-    assert [c["mode"] for c in children] == ["imports only", "cold", "warm"]
+    assert [c["mode"] for c in children] == ["imports only", "cold", "warm", "warm, plots drawn", "warm, plots cached"]
     assert all(c["seconds"] > 0 and c["peak_rss_mib"] > 0 for c in children)
     (check,) = res.checks
     assert check.passed in (True, False)
