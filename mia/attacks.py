@@ -244,14 +244,17 @@ def strong_posterior_candidates(feature_names: list[str]) -> tuple[Candidate, ..
 
 
 def strong_label_only_candidates(feature_names: list[str]) -> tuple[Candidate, ...]:
-    """Correctness and the augmentation count with global and per-class thresholds, and a logistic
-    regression over the correctness of every view (it learns which views carry membership)."""
-    base = [n for n in feature_names if n in ("correctness", "aug_correct_count")]
+    """Correctness and the augmentation count (and, with reference models, the calibrated count) with
+    global and per-class thresholds, and a logistic regression over the correctness of every view
+    (it learns which views carry membership) plus the calibrated count when present."""
+    base = [n for n in feature_names if n in ("correctness", "aug_correct_count", "calibrated_aug_count")]
     out = [Candidate("global", n) for n in base] + [Candidate("class", n) for n in base]
-    per_view = tuple(["correctness"] + [n for n in feature_names if n.startswith("view")])
+    per_view = ["correctness"] + [n for n in feature_names if n.startswith("view")]
+    if "calibrated_aug_count" in feature_names:  # reference models present (mia.reference_attacks)
+        per_view.append("calibrated_aug_count")
     if len(per_view) > 1:
-        out.append(Candidate("logreg", features=per_view))
-        out.append(Candidate("logreg_class", features=per_view))
+        out.append(Candidate("logreg", features=tuple(per_view)))
+        out.append(Candidate("logreg_class", features=tuple(per_view)))
     return tuple(out)
 
 

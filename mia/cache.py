@@ -7,21 +7,20 @@ A cache that cannot be written (read-only bundle) is skipped silently.
 
 * ``file_digest``: sha256 of a file, remembered for the process while the file's size, mtime and
   inode stay the same (one run hashes each input once, not once per use).
-* ``atomic_save_npy``: np.save to a temp file, then rename.
 * ``cached_records``: validated dataset records as ``.npz`` (``records/``), so the safe but slow
   pure-Python unpickling of a ``.p`` file happens once per file content.
 """
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-__all__ = ["RECORDS_CACHE_FORMAT", "atomic_save_npy", "atomic_save_npz", "cached_records", "file_digest"]
+from mia.atomic import atomic_save_npz
+
+__all__ = ["RECORDS_CACHE_FORMAT", "cached_records", "file_digest"]
 
 RECORDS_CACHE_FORMAT = 1  # bump when the arrays a records entry holds would change
 
@@ -41,28 +40,6 @@ def file_digest(path: str | Path) -> str:
                 h.update(block)
         digest = _DIGESTS[key] = h.hexdigest()
     return digest
-
-
-def _atomic(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save to a temp file in the same folder, then rename over ``path``."""
-    _atomic(Path(path), lambda f: np.save(f, array, allow_pickle=False))
-
-
-def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez (uncompressed: loading is a copy) to a temp file, then rename over ``path``."""
-    _atomic(Path(path), lambda f: np.savez(f, **arrays))
 
 
 def _read_records_entry(entry: Path, with_membership: bool):

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from mia.atomic import atomic_write
 from mia.errors import ArchitectureError, CheckpointError
 
 __all__ = [
@@ -386,13 +385,4 @@ def save_checkpoint(path: str | Path, model: nn.Module, acc: float | None, epoch
         "acc": None if acc is None else float(acc),
         "epoch": None if epoch is None else int(epoch),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f), durable=True)

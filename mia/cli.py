@@ -152,6 +152,9 @@ def _run(args, *, write: bool):
     bundle = args.bundle if args.bundle is not None else default_bundle(progress=not args.quiet)
     print(f"bundle: {Path(bundle).resolve()}")
     result = run(bundle, config, progress=not args.quiet)
+    if config.references and result.victims and not any(d.n_reference_models for d in result.victims.values()):
+        print("no reference models: LiRA / RMIA not used (train them with `python -m mia references`, "
+              "see README)")
     if write:
         from mia.submission import check_submission, write_run
 
@@ -168,6 +171,11 @@ def _run(args, *, write: bool):
         print()
         print("On test, against the answer key (seed's method -> ours):")
         print(report.comparison_table(result))
+        ref_table = report.reference_table(result)
+        if ref_table is not None:
+            print()
+            print("Reference-model attacks on test (one global threshold each), beside the seed's and ours:")
+            print(ref_table)
     print(f"\ntotal {result.seconds:.1f}s")
     if result.failures:
         print(f"\n{len(result.failures)} failure(s):", file=sys.stderr)

@@ -22,20 +22,19 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import pickle
 import re
 import reprlib
-import tempfile
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 import torch
 
+from mia.atomic import atomic_write
 from mia.errors import DataError, UnsafePickleError
 
 __all__ = [
@@ -785,23 +784,4 @@ def save_records(
         records.append(record)
     records_from_objects(records, path=path, with_membership=membership is not None)
 
-    _atomic_write(path, lambda f: pickle.dump(records, f, protocol=4))
-
-
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write via a temporary file in the same directory, then os.replace it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda f: pickle.dump(records, f, protocol=4), durable=True)

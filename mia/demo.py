@@ -56,7 +56,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from mia.checkpoints import ARCHITECTURES, build_model, save_checkpoint
 from mia.data import save_records

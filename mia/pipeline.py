@@ -37,6 +37,7 @@ class VictimData:
     cache_hits: int  # how many of the two logit arrays came from the cache
     seconds: float  # wall time of loading and scoring
     reference: dict[str, dict[str, np.ndarray]] | None = None  # LiRA/RMIA features per split, if any
+    reference_label: dict[str, dict[str, np.ndarray]] | None = None  # calibrated_aug_count per split, if any
     n_reference_models: int = 0
 
     def posterior(self, split: str) -> dict[str, np.ndarray]:
@@ -53,8 +54,12 @@ class VictimData:
         return logits.argmax(axis=-1).astype(np.int64)
 
     def label_only(self, split: str) -> dict[str, np.ndarray]:
+        """Features for label-only access: from the victim's predicted labels (and reference models)."""
         recs = self.eval if split == "eval" else self.test
-        return attacks.label_only_features(self.predicted_labels(split), recs.labels)
+        feats = attacks.label_only_features(self.predicted_labels(split), recs.labels)
+        if self.reference_label is not None:
+            feats.update(self.reference_label[split])
+        return feats
 
     def model_accuracy(self) -> dict:
         """The victim's classification accuracy on eval members / non-members (identity view)."""
@@ -113,13 +118,17 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
     data = VictimData(victim, info, eval_recs, test_recs, answers, [v.name for v in views], out["eval"], out["test"],
                       hits, 0.0)
     if config.references:
-        from mia.reference_attacks import reference_features
+        from mia.reference_attacks import reference_features, reference_label_only_features
         from mia.references import references_folder
 
         data.reference = reference_features(bundle.root, victim, data.eval_logits, data.test_logits, eval_recs.labels,
                                             test_recs.labels, data.view_names, device=config.device,
                                             batch_size=config.batch_size, progress=progress)
         if data.reference is not None:
+            # label-only: the victim enters through its integer predicted labels only
+            data.reference_label = reference_label_only_features(
+                bundle.root, victim, data.predicted_labels("eval"), data.predicted_labels("test"), eval_recs.labels,
+                test_recs.labels, data.view_names, device=config.device, batch_size=config.batch_size)
             manifest = references_folder(bundle.root, victim) / "manifest.json"
             data.n_reference_models = len(json.loads(manifest.read_text()).get("complete", []))
     data.seconds = time.perf_counter() - t0

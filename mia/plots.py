@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +16,7 @@ from typing import Callable
 import numpy as np
 from matplotlib.figure import Figure
 
+from mia.atomic import atomic_write, atomic_write_bytes
 from mia.metrics import roc_curve
 from mia.thresholds import Sweep
 
@@ -117,18 +116,8 @@ def histogram(scores: np.ndarray, membership: np.ndarray, threshold: float | Non
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
-    """Save as PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, metadata={"Software": None})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Save as PNG atomically (no 'Software' metadata: the bytes depend on the figure alone)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, metadata={"Software": None}))
 
 
 @dataclass
@@ -238,7 +227,7 @@ def save_run_plots(result, folder: str | Path, cache_dir: str | Path | None = No
             cached = cache / f"{spec.digest(dpi)}.png" if cache is not None else None
             if cached is not None and cached.is_file():
                 try:
-                    _atomic_write_bytes(path, cached.read_bytes())
+                    atomic_write_bytes(path, cached.read_bytes())
                     written[f"plots/{name}"] = path
                     continue
                 except OSError:
@@ -246,20 +235,9 @@ def save_run_plots(result, folder: str | Path, cache_dir: str | Path | None = No
             save_figure(spec.build(**spec.kwargs), path, dpi=dpi)
             if cached is not None:
                 try:
-                    _atomic_write_bytes(cached, path.read_bytes())
+                    atomic_write_bytes(cached, path.read_bytes())
                 except OSError:
                     pass  # read-only bundle: no cache
             written[f"plots/{name}"] = path
     return written
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -55,7 +55,7 @@ from mia import signals as sig
 from mia.bundle import Victim
 from mia.errors import MIAError
 from mia.references import ReferenceSet, load_reference_set, reference_logits, views_from_names
-from mia.scoring import file_digest
+from mia.cache import file_digest
 
 __all__ = [
     "AUTO_GLOBAL_BELOW",

@@ -41,8 +41,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,11 +50,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mia.atomic import atomic_save_npy, atomic_write_text
 from mia.bundle import REPO_MODELS_DIR, Victim
 from mia.checkpoints import build_model, infer_num_classes, infer_width, load_state_dict, save_checkpoint
 from mia.data import Records, load_records, records_from_objects, safe_load_pickle
 from mia.errors import CheckpointError, MIAError
-from mia.scoring import IDENTITY, View, atomic_save_npy, compute_logits, file_digest, resolve_device
+from mia.cache import file_digest
+from mia.scoring import IDENTITY, View, compute_logits, resolve_device
 from mia.training import TrainRecipe, train_classifier
 
 __all__ = [
@@ -276,16 +276,7 @@ def default_arch_dirs(bundle_root: str | Path) -> list[Path]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """json.dumps to a temp file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _read_json(path: Path) -> dict | None:

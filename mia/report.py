@@ -67,3 +67,30 @@ def comparison_table(result) -> str:
             cells.append(f"{_pct(s)} -> {_pct(u)}")
         out.append(cells)
     return _markdown(["task", "victim", "attack (seed -> ours)"] + [f"test {n} %" for _, n in keys], out)
+
+
+REFERENCE_ATTACKS = ("lira_online", "lira_offline", "rmia", "calibrated_aug_count")
+
+
+def reference_table(result) -> str | None:
+    """Markdown: on test, the seed's method, each reference-model attack (one global threshold) and the
+    attack used, per victim and access level; None when no victim has reference models or no answer key."""
+    out = []
+    done = set()
+    for o in result.outcomes:
+        data = result.victims.get(o.victim)
+        key = (o.victim, o.task.access)
+        if key in done or data is None or not data.n_reference_models or o.used.chosen_report.test is None:
+            continue
+        done.add(key)
+        by_name = {c.name: c for c in o.used.candidates}
+        entries = [(f"seed: {o.seed.chosen}", o.seed.chosen_report.test)]
+        entries += [(n, by_name[n].test) for n in REFERENCE_ATTACKS if n in by_name]
+        entries.append((f"ours: {o.used.chosen}", o.used.chosen_report.test))
+        for name, m in entries:
+            out.append([o.victim, o.task.access, str(data.n_reference_models), name, _pct(m["accuracy"]),
+                        _pct(m["auc"]), _pct(m["tpr_at_1pct_fpr"]), _pct(m["tpr_at_01pct_fpr"])])
+    if not out:
+        return None
+    return _markdown(["victim", "access", "K", "attack", "test acc %", "test AUC %", "test TPR@1% %",
+                      "test TPR@0.1% %"], out)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mia.cache import atomic_save_npy, file_digest  # noqa: F401  (re-exported: used by references)
+from mia.atomic import atomic_save_npy
+from mia.cache import file_digest
 
 CACHE_FORMAT = 2  # bump when the logits a cache file holds would change
 

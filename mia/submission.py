@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mia.errors import MIAError, SubmissionError
-from mia.scoring import atomic_save_npy
+from mia.atomic import atomic_save_npy, atomic_write_text
 
 SCHEMA_VERSION = 1
 
@@ -43,18 +41,6 @@ def _json_safe(obj):
     if isinstance(obj, Path):
         return str(obj)
     return obj
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _selection_summary(sel) -> dict:
@@ -141,7 +127,7 @@ def write_run(result, *, plots: bool | None = None) -> dict[str, Path]:
                 (results_dir / f"task{t.task}_{name}.npy").unlink(missing_ok=True)
             for png in (results_dir / "plots").glob(f"{name}_*.png"):
                 png.unlink(missing_ok=True)
-    atomic_write_text(root / "result.json", text)
+    atomic_write_text(root / "result.json", text, durable=True)
     written["result.json"] = root / "result.json"
     return written
 

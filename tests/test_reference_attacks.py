@@ -230,3 +230,33 @@ def test_reference_features_end_to_end(bundle, tmp_path):
     assert np.abs(label_only["test"]["calibrated_aug_count"]).max() <= 2  # two views
     with pytest.raises(TypeError):
         reference_label_only_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names, **kwargs)
+
+
+def test_run_uses_references_for_every_task(tiny_bundle, copy_bundle, tmp_path):
+    from mia.config import RunConfig
+    from mia.pipeline import run
+    from mia.submission import build_result_json
+
+    root = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    victim = discover(root, victims=["vgg16_fashionmnist"]).victims[0]
+    train_references(root, victim, ReferenceRecipe(k=2, epochs=1, batch_size=16, device="cpu"), progress=False)
+    config = RunConfig(plots=False, victims=("vgg16_fashionmnist",), views="flip")
+    result = run(root, config, progress=False, log=lambda *a: None)
+    names = {o.task.access: {c.name for c in o.used.candidates} for o in result.outcomes}
+    assert {"lira_online", "lira_offline", "rmia", "rmia@class"} <= names["posterior"]
+    assert {"calibrated_aug_count", "calibrated_aug_count@class"} <= names["label"]
+    label = next(o for o in result.outcomes if o.task.access == "label")
+    assert "calibrated_aug_count" in next(c for c in label.used.fitted_all.values()
+                                          if c.candidate.name == "logreg").candidate.features
+    doc = build_result_json(result)
+    assert doc["victims"]["vgg16_fashionmnist"]["reference_models"] == 2
+    without = run(root, RunConfig(plots=False, victims=("vgg16_fashionmnist",), views="flip", references=False),
+                  progress=False, log=lambda *a: None)
+    for o in without.outcomes:
+        assert not any(c.name.startswith(("lira", "rmia", "calibrated")) for c in o.used.candidates)
+    from mia import report
+
+    table = report.reference_table(result)
+    assert table is not None and "lira_offline" in table and "calibrated_aug_count" in table
+    assert "seed: " in table and "ours: " in table
+    assert report.reference_table(without) is None
