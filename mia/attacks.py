@@ -35,7 +35,8 @@ def posterior_features(logits: np.ndarray, labels: np.ndarray, view_names: list[
     logits: (V, n, C) for V query views, view 0 being the image itself; labels: (n,) int.
     Returns name -> (n,) float64: every signal of ``mia.signals`` on the image itself, plus
     ``aug_flip_lsc`` (mean logit-scaled confidence over the image and its flip) and ``aug_mean_lsc``
-    (mean over all views) when those views exist.
+    (mean over all views) when those views exist, and ``view{v}_lsc`` (the logit-scaled confidence of
+    view v >= 1 alone: inputs of the learned attacks, which weigh the views, not thresholded alone).
     """
     logits = np.asarray(logits)
     if logits.ndim != 3 or logits.shape[0] != len(view_names):
@@ -46,7 +47,14 @@ def posterior_features(logits: np.ndarray, labels: np.ndarray, view_names: list[
         feats["aug_flip_lsc"] = lsc[[0, view_names.index("flip")]].mean(axis=0)
     if len(view_names) > 2:
         feats["aug_mean_lsc"] = lsc.mean(axis=0)
+    for v in range(1, len(view_names)):
+        feats[f"view{v}_lsc"] = lsc[v]
     return feats
+
+
+def is_view_input(name: str) -> bool:
+    """A per-view feature (``view{v}_lsc``, ``view{v}_correct``): an input of the learned attacks only."""
+    return name.startswith("view")
 
 
 def label_only_features(predicted: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -232,14 +240,16 @@ SEED_LABEL_ONLY = (Candidate("fixed", "correctness", fixed_threshold=0.5),)
 
 
 def strong_posterior_candidates(feature_names: list[str]) -> tuple[Candidate, ...]:
-    """Every signal with a global and a per-class threshold, plus a learned combination of them all.
+    """Every signal with a global and a per-class threshold, plus learned combinations of them all and
+    of the per-view logit-scaled confidences.
 
     (Gradient boosting, kind "boosting", is available but not a default candidate: on the demo
     bundle it was no better than logistic regression on test and costs 20x the time.)"""
-    names = [n for n in feature_names if n != "correctness"]
+    names = [n for n in feature_names if n != "correctness" and not is_view_input(n)]
+    learned = tuple(names + [n for n in feature_names if is_view_input(n)])
     out = [Candidate("global", n) for n in names] + [Candidate("class", n) for n in names]
-    out.append(Candidate("logreg", features=tuple(names)))
-    out.append(Candidate("logreg_class", features=tuple(names)))
+    out.append(Candidate("logreg", features=learned))
+    out.append(Candidate("logreg_class", features=learned))
     return tuple(out)
 
 
@@ -249,7 +259,7 @@ def strong_label_only_candidates(feature_names: list[str]) -> tuple[Candidate, .
     (it learns which views carry membership) plus the calibrated count when present."""
     base = [n for n in feature_names if n in ("correctness", "aug_correct_count", "calibrated_aug_count")]
     out = [Candidate("global", n) for n in base] + [Candidate("class", n) for n in base]
-    per_view = ["correctness"] + [n for n in feature_names if n.startswith("view")]
+    per_view = ["correctness"] + [n for n in feature_names if is_view_input(n)]
     if "calibrated_aug_count" in feature_names:  # reference models present (mia.reference_attacks)
         per_view.append("calibrated_aug_count")
     if len(per_view) > 1:

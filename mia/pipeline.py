@@ -175,7 +175,7 @@ def attack_victim(data: VictimData, config: RunConfig) -> list[TaskOutcome]:
         if config.method == "strong":
             used = attacks.select(strong_cands, ev, data.eval.labels, m_eval, te, data.test.labels,
                                   selection="cv", **common)
-        curves = {name: sweep(values, m_eval) for name, values in ev.items()}
+        curves = {name: sweep(values, m_eval) for name, values in ev.items() if not attacks.is_view_input(name)}
         outcomes.append(TaskOutcome(task, data.victim.name, used, seed_sel, curves, m_eval, data.eval.labels, ev,
                                     data.answers))
     return outcomes

@@ -44,7 +44,7 @@ def test_posterior_features_two_views():
     ])
     labels = np.array([0, 2])
     feats = posterior_features(logits, labels, ["id", "flip"])
-    assert list(feats) == list(sig.SIGNALS) + ["aug_flip_lsc"]  # no aug_mean_lsc with two views
+    assert list(feats) == list(sig.SIGNALS) + ["aug_flip_lsc", "view1_lsc"]  # no aug_mean_lsc with two views
     # logit-scaled confidence z_y - log sum_{j != y} exp(z_j), by hand
     lsc_id = np.array([2 - math.log(2), -math.log(1 + math.e)])
     lsc_flip = np.array([-math.log(2), 1 - math.log(2 * math.e)])
@@ -52,6 +52,7 @@ def test_posterior_features_two_views():
     np.testing.assert_allclose(feats["aug_flip_lsc"], [1 - math.log(2), -(math.log(1 + math.e) + math.log(2)) / 2],
                                rtol=1e-12)
     np.testing.assert_allclose(feats["aug_flip_lsc"], (lsc_id + lsc_flip) / 2, rtol=1e-12)
+    np.testing.assert_allclose(feats["view1_lsc"], lsc_flip, rtol=1e-12)
     # every plain signal comes from the image itself (view 0) only
     for name, values in sig.all_signals(logits[0], labels).items():
         np.testing.assert_array_equal(feats[name], values)
@@ -73,6 +74,8 @@ def test_posterior_features_three_views_flip_found_by_name():
     ])
     np.testing.assert_allclose(feats["aug_flip_lsc"], (lsc[0] + lsc[2]) / 2, rtol=1e-12)
     np.testing.assert_allclose(feats["aug_mean_lsc"], lsc.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(feats["view1_lsc"], lsc[1], rtol=1e-12)
+    np.testing.assert_allclose(feats["view2_lsc"], lsc[2], rtol=1e-12)
 
 
 def test_posterior_features_identity_only_and_shape_check():
@@ -273,6 +276,10 @@ def test_candidate_names_and_lists():
     strong = [c.name for c in attacks.strong_posterior_candidates(names)]
     assert strong == ["confidence", "aug_mean_lsc", "confidence@class", "aug_mean_lsc@class", "logreg",
                       "logreg_class"]
+    # per-view inputs feed only the learned candidates
+    with_views = attacks.strong_posterior_candidates(names + ["view1_lsc", "view2_lsc"])
+    assert [c.name for c in with_views] == strong
+    assert with_views[-1].features == ("confidence", "aug_mean_lsc", "view1_lsc", "view2_lsc")
     label = [c.name for c in attacks.strong_label_only_candidates(["correctness", "aug_correct_count"])]
     assert label == ["correctness", "aug_correct_count", "correctness@class", "aug_correct_count@class"]
     label = [c.name for c in attacks.strong_label_only_candidates(["correctness", "aug_correct_count",
