@@ -64,6 +64,7 @@ def _config_from_args(args) -> RunConfig:
         trust_checkpoints=args.trust_checkpoints,
         keep_going=args.keep_going,
         references=not args.no_references,
+        reference_views=args.reference_views,
         victims=tuple(args.victims) if args.victims else None,
     )
 
@@ -90,6 +91,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="when a victim fails, finish the others and report the failures at the end")
     p.add_argument("--no-references", action="store_true",
                    help="ignore reference models under <bundle>/references/ (LiRA/RMIA candidates)")
+    p.add_argument("--reference-views", choices=("identity", "flip", "standard"), default="flip",
+                   help="views the reference models are queried on (default flip: the image and its flip; each "
+                        "view costs one scoring pass per reference model)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,8 @@ class RunConfig:
     trust_checkpoints: bool = False  # allow checkpoints that are whole pickled models (runs their code)
     keep_going: bool = False  # on a failing victim, finish the others and report the failure
     references: bool = True  # use reference models under <bundle>/references/ when present (LiRA, RMIA)
+    reference_views: str = "flip"  # views the references are queried on (those of `views` in this set): each
+    #   reference model costs one victim scoring per view, so CPU runs keep image + flip (as LiRA does)
     victims: tuple[str, ...] | None = None  # only these victims (<arch>_<dataset>); None = all
     extra: dict = field(default_factory=dict)  # free-form notes carried into result.json
 
@@ -48,6 +50,8 @@ class RunConfig:
         self.tasks = tuple(t if isinstance(t, TaskConfig) else TaskConfig(**t) for t in self.tasks)
         if self.method not in ("strong", "seed"):
             raise ValueError(f"method must be 'strong' or 'seed', got {self.method!r}")
+        if self.reference_views not in ("identity", "flip", "standard"):
+            raise ValueError(f"reference_views must be 'identity', 'flip' or 'standard', got {self.reference_views!r}")
         if self.folds < 2:
             raise ValueError(f"folds must be at least 2, got {self.folds}")
         if len({t.task for t in self.tasks}) != len(self.tasks):

@@ -121,14 +121,18 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         from mia.reference_attacks import reference_features, reference_label_only_features
         from mia.references import references_folder
 
-        data.reference = reference_features(bundle.root, victim, data.eval_logits, data.test_logits, eval_recs.labels,
-                                            test_recs.labels, data.view_names, device=config.device,
+        # the references are queried on the victim's views that are also in config.reference_views
+        allowed = {v.name for v in VIEW_SETS[config.reference_views]}
+        idx = [i for i, name in enumerate(data.view_names) if name in allowed]
+        names = [data.view_names[i] for i in idx]
+        data.reference = reference_features(bundle.root, victim, data.eval_logits[idx], data.test_logits[idx],
+                                            eval_recs.labels, test_recs.labels, names, device=config.device,
                                             batch_size=config.batch_size, progress=progress)
         if data.reference is not None:
             # label-only: the victim enters through its integer predicted labels only
             data.reference_label = reference_label_only_features(
-                bundle.root, victim, data.predicted_labels("eval"), data.predicted_labels("test"), eval_recs.labels,
-                test_recs.labels, data.view_names, device=config.device, batch_size=config.batch_size)
+                bundle.root, victim, data.predicted_labels("eval")[idx], data.predicted_labels("test")[idx],
+                eval_recs.labels, test_recs.labels, names, device=config.device, batch_size=config.batch_size)
             manifest = references_folder(bundle.root, victim) / "manifest.json"
             data.n_reference_models = len(json.loads(manifest.read_text()).get("complete", []))
     data.seconds = time.perf_counter() - t0

@@ -282,6 +282,8 @@ def test_run_config_validation():
         RunConfig(method="best")
     with pytest.raises(ValueError):
         RunConfig(folds=1)
+    with pytest.raises(ValueError, match="reference_views"):
+        RunConfig(reference_views="all")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -240,8 +240,10 @@ def test_run_uses_references_for_every_task(tiny_bundle, copy_bundle, tmp_path):
     root = copy_bundle(tiny_bundle, tmp_path / "bundle")
     victim = discover(root, victims=["vgg16_fashionmnist"]).victims[0]
     train_references(root, victim, ReferenceRecipe(k=2, epochs=1, batch_size=16, device="cpu"), progress=False)
-    config = RunConfig(plots=False, victims=("vgg16_fashionmnist",), views="flip")
+    config = RunConfig(plots=False, victims=("vgg16_fashionmnist",))  # 10 views; references see image + flip
     result = run(root, config, progress=False, log=lambda *a: None)
+    cached = sorted((root / "references" / "vgg16_fashionmnist" / "logits").glob("*.npy"))
+    assert len(cached) == 2 and all(np.load(p).shape[:2] == (2, 64) for p in cached)
     names = {o.task.access: {c.name for c in o.used.candidates} for o in result.outcomes}
     assert {"lira_online", "lira_offline", "rmia", "rmia@class"} <= names["posterior"]
     assert {"calibrated_aug_count", "calibrated_aug_count@class"} <= names["label"]
@@ -250,7 +252,7 @@ def test_run_uses_references_for_every_task(tiny_bundle, copy_bundle, tmp_path):
                                           if c.candidate.name == "logreg").candidate.features
     doc = build_result_json(result)
     assert doc["victims"]["vgg16_fashionmnist"]["reference_models"] == 2
-    without = run(root, RunConfig(plots=False, victims=("vgg16_fashionmnist",), views="flip", references=False),
+    without = run(root, RunConfig(plots=False, victims=("vgg16_fashionmnist",), references=False),
                   progress=False, log=lambda *a: None)
     for o in without.outcomes:
         assert not any(c.name.startswith(("lira", "rmia", "calibrated")) for c in o.used.candidates)
