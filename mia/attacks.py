@@ -257,11 +257,11 @@ def strong_label_only_candidates(feature_names: list[str]) -> tuple[Candidate, .
     """Correctness and the augmentation count (and, with reference models, the calibrated count) with
     global and per-class thresholds, and a logistic regression over the correctness of every view
     (it learns which views carry membership) plus the calibrated count when present."""
-    base = [n for n in feature_names if n in ("correctness", "aug_correct_count", "calibrated_aug_count")]
+    base = [n for n in feature_names if n in ("correctness", "aug_correct_count", "calibrated_aug_count",
+                                              "label_lira")]
     out = [Candidate("global", n) for n in base] + [Candidate("class", n) for n in base]
     per_view = ["correctness"] + [n for n in feature_names if is_view_input(n)]
-    if "calibrated_aug_count" in feature_names:  # reference models present (mia.reference_attacks)
-        per_view.append("calibrated_aug_count")
+    per_view += [n for n in ("calibrated_aug_count", "label_lira") if n in feature_names]  # with references
     if len(per_view) > 1:
         out.append(Candidate("logreg", features=tuple(per_view)))
         out.append(Candidate("logreg_class", features=tuple(per_view)))

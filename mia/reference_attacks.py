@@ -40,7 +40,9 @@ with an incomplete reference set, gets that group's mean as the other group's me
 average IN - OUT difference of the records that have both.
 
 Label-only (task 3): ``calibrated_aug_count`` = the victim's number of views still classified
-correctly minus the mean of that number over the record's OUT references. The victim enters only
+correctly minus the mean of that number over the record's OUT references; ``label_lira`` = the
+log-likelihood ratio of the victim's per-view correctness under the record's IN and OUT references'
+correctness rates (LiRA's online test with Bernoulli instead of Gaussian statistics). The victim enters only
 through integer predicted labels (the caller passes argmax arrays); the reference models are the
 attacker's own, so their predictions are free to use.
 """
@@ -300,6 +302,38 @@ def calibrated_aug_count(victim_predicted: np.ndarray, reference_predicted: np.n
     return victim_count - baseline
 
 
+def label_lira(victim_predicted: np.ndarray, reference_predicted: np.ndarray, labels: np.ndarray,
+               in_mask: np.ndarray, prior: float = 0.5) -> np.ndarray:
+    """Label-only likelihood ratio, LiRA's online test on 'classified correctly' per view -> (n,) float64.
+
+    Per record and view, the rate at which its IN references and its OUT references classify it
+    correctly, smoothed: (correct + prior) / (models + 2 prior) (a group without models gets 1/2).
+    Score = sum_v log Pr[c_v | IN] - log Pr[c_v | OUT] for the victim's correctness c_v: a record the
+    OUT models get wrong but the victim gets right is strong evidence of membership; a record every
+    model gets right is none. Shapes and TypeError as for ``calibrated_aug_count``.
+    """
+    victim_predicted = _integer_labels(victim_predicted, "victim_predicted")
+    reference_predicted = _integer_labels(reference_predicted, "reference_predicted")
+    labels = np.asarray(labels)
+    in_mask = np.asarray(in_mask, dtype=bool)
+    if reference_predicted.ndim != 3 or reference_predicted.shape[1:] != victim_predicted.shape:
+        raise ValueError(f"reference_predicted must be (K, V, n) with (V, n) = {victim_predicted.shape}, "
+                         f"got {reference_predicted.shape}")
+    if in_mask.shape != (reference_predicted.shape[0], reference_predicted.shape[2]):
+        raise ValueError(f"in_mask must be (K, n) = {(reference_predicted.shape[0], reference_predicted.shape[2])}")
+    if not prior > 0:
+        raise ValueError(f"prior must be positive, got {prior}")
+    ref_correct = reference_predicted == labels[None, None]  # (K, V, n)
+    rates = []
+    for group in (in_mask, ~in_mask):
+        g = group[:, None, :]
+        rates.append(((ref_correct & g).sum(axis=0) + prior) / (g.sum(axis=0) + 2 * prior))  # (V, n)
+    in_rate, out_rate = rates
+    correct = victim_predicted == labels[None]
+    llr = np.where(correct, np.log(in_rate) - np.log(out_rate), np.log1p(-in_rate) - np.log1p(-out_rate))
+    return llr.sum(axis=0).astype(np.float64)
+
+
 # --------------------------------------------------------------------------------------------------
 # From a bundle
 
@@ -395,7 +429,7 @@ def reference_label_only_features(
     batch_size: int = 256,
     progress: bool = False,
 ) -> dict[str, dict[str, np.ndarray]] | None:
-    """Label-only 'calibrated_aug_count' of the victim's eval and test records.
+    """Label-only 'calibrated_aug_count' and 'label_lira' of the victim's eval and test records.
 
     eval_predicted (V, n_eval) and test_predicted (V, n_test): the victim's integer predicted labels
     (argmax arrays, e.g. VictimData.predicted_labels) under the views named by ``view_names``.
@@ -414,6 +448,7 @@ def reference_label_only_features(
                                      progress=progress)[:, :, :n].argmax(axis=-1)
     victim_predicted = np.concatenate([eval_predicted, test_predicted], axis=1)
     labels = np.concatenate([eval_labels, test_labels])
-    values = {"calibrated_aug_count": calibrated_aug_count(victim_predicted, ref_predicted, labels,
-                                                           ref_set.complete_masks()[:, :n])}
+    masks = ref_set.complete_masks()[:, :n]
+    values = {"calibrated_aug_count": calibrated_aug_count(victim_predicted, ref_predicted, labels, masks),
+              "label_lira": label_lira(victim_predicted, ref_predicted, labels, masks)}
     return _split(values, n_eval)

@@ -69,7 +69,7 @@ def comparison_table(result) -> str:
     return _markdown(["task", "victim", "attack (seed -> ours)"] + [f"test {n} %" for _, n in keys], out)
 
 
-REFERENCE_ATTACKS = ("lira_online", "lira_offline", "rmia", "calibrated_aug_count")
+REFERENCE_ATTACKS = ("lira_online", "lira_offline", "rmia", "calibrated_aug_count", "label_lira")
 
 
 def reference_table(result) -> str | None:

@@ -12,6 +12,7 @@ from mia.checkpoints import load_victim_model
 from mia.data import load_records
 from mia.reference_attacks import (
     calibrated_aug_count,
+    label_lira,
     fit_gaussians,
     lira_offline,
     lira_online,
@@ -246,7 +247,7 @@ def test_run_uses_references_for_every_task(tiny_bundle, copy_bundle, tmp_path):
     assert len(cached) == 2 and all(np.load(p).shape[:2] == (2, 64) for p in cached)
     names = {o.task.access: {c.name for c in o.used.candidates} for o in result.outcomes}
     assert {"lira_online", "lira_offline", "rmia", "rmia@class"} <= names["posterior"]
-    assert {"calibrated_aug_count", "calibrated_aug_count@class"} <= names["label"]
+    assert {"calibrated_aug_count", "calibrated_aug_count@class", "label_lira", "label_lira@class"} <= names["label"]
     label = next(o for o in result.outcomes if o.task.access == "label")
     assert "calibrated_aug_count" in next(c for c in label.used.fitted_all.values()
                                           if c.candidate.name == "logreg").candidate.features
@@ -262,3 +263,23 @@ def test_run_uses_references_for_every_task(tiny_bundle, copy_bundle, tmp_path):
     assert table is not None and "lira_offline" in table and "calibrated_aug_count" in table
     assert "seed: " in table and "ours: " in table
     assert report.reference_table(without) is None
+
+
+def test_label_lira_by_hand():
+    labels = np.array([1, 2])
+    victim = np.array([[1, 0]])  # one view: record 0 correct, record 1 wrong
+    refs = np.array([[[1, 2]], [[0, 2]], [[1, 0]]])  # (K=3, V=1, n=2)
+    mask = np.array([[True, False], [False, True], [False, True]])
+    # record 0: IN = model 0 (correct): (1 + .5) / 2 = .75; OUT = models 1, 2 (wrong, correct): (1 + .5) / 3 = .5
+    #   victim correct -> log .75 - log .5
+    # record 1: IN = models 1, 2 (correct, wrong): 1.5 / 3 = .5; OUT = model 0 (correct): .75
+    #   victim wrong -> log(1 - .5) - log(1 - .75)
+    np.testing.assert_allclose(label_lira(victim, refs, labels, mask), [math.log(1.5), math.log(2.0)], rtol=1e-12)
+    # a group without models counts as 1/2; views add up
+    two_views = np.concatenate([victim, victim])
+    np.testing.assert_allclose(label_lira(two_views, np.concatenate([refs, refs], axis=1), labels, mask),
+                               [2 * math.log(1.5), 2 * math.log(2.0)], rtol=1e-12)
+    no_in = np.zeros((3, 2), bool)
+    assert label_lira(victim, refs, labels, no_in)[0] == pytest.approx(math.log(0.5) - math.log(2.5 / 4))
+    with pytest.raises(TypeError, match="integer predicted labels"):
+        label_lira(victim.astype(float), refs, labels, mask)
