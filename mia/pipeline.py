@@ -159,10 +159,20 @@ class TaskOutcome:
 
 
 def attack_victim(data: VictimData, config: RunConfig) -> list[TaskOutcome]:
-    """Choose and apply an attack for every configured task of one victim."""
+    """Choose and apply an attack for every configured task of one victim.
+
+    Tasks with the same access level see the same features of the same records, so the attack is
+    chosen once per access level and shared (tasks 1 and 2 of the challenge)."""
     m_eval = data.eval.membership
     outcomes = []
+    by_access: dict[str, TaskOutcome] = {}
     for task in config.tasks:
+        if task.access in by_access:
+            shared = by_access[task.access]
+            outcomes.append(TaskOutcome(task, shared.victim, shared.used, shared.seed, shared.curves,
+                                        shared.eval_membership, shared.eval_labels, shared.eval_features,
+                                        shared.answers))
+            continue
         if task.access == "posterior":
             ev, te = data.posterior("eval"), data.posterior("test")
             seed_cands = attacks.SEED_POSTERIOR
@@ -182,6 +192,7 @@ def attack_victim(data: VictimData, config: RunConfig) -> list[TaskOutcome]:
         curves = {name: sweep(values, m_eval) for name, values in ev.items() if not attacks.is_view_input(name)}
         outcomes.append(TaskOutcome(task, data.victim.name, used, seed_sel, curves, m_eval, data.eval.labels, ev,
                                     data.answers))
+        by_access[task.access] = outcomes[-1]
     return outcomes
 
 

@@ -11,20 +11,24 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from mia.atomic import atomic_write, atomic_write_bytes
 from mia.metrics import roc_curve
 from mia.thresholds import Sweep
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Figures are built with matplotlib's object API (no pyplot): no GUI backend, no global figure
 # registry to leak into, the same output headless and in a notebook (``display(fig)`` there).
 
 
 def _subplots(rows: int = 1, cols: int = 1, figsize=(6, 4), squeeze: bool = True):
+    from matplotlib.figure import Figure  # here: importing matplotlib costs ~0.8 s, and a warm re-run draws nothing
+
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
@@ -130,10 +134,10 @@ class FigureSpec:
 
     def digest(self, dpi: int) -> str:
         """sha256 over the plotting code, matplotlib's version, dpi, the builder and its inputs."""
-        import matplotlib
+        from importlib.metadata import version
 
         h = hashlib.sha256(_SOURCE_DIGEST.encode())
-        h.update(f"matplotlib={matplotlib.__version__};dpi={dpi};{self.build.__name__}".encode())
+        h.update(f"matplotlib={version('matplotlib')};dpi={dpi};{self.build.__name__}".encode())
         _hash_value(h, self.kwargs)
         return h.hexdigest()
 

@@ -111,7 +111,11 @@ def _as_labels(x: object, n: int) -> np.ndarray:
 
 def _cuts(values: np.ndarray) -> np.ndarray:
     """Cut points between consecutive sorted distinct values: t_k with u_k < t_k <= u_{k+1}."""
-    lo, hi = values[:-1], values[1:]
+    return _pair_cuts(values[:-1], values[1:])
+
+
+def _pair_cuts(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The cut for each pair lo < hi (elementwise): the midpoint, or hi when it is not above lo."""
     with np.errstate(invalid="ignore"):  # -inf/2 + inf/2 is NaN; the where below picks hi then
         mid = lo / 2 + hi / 2  # no overflow, unlike (lo + hi) / 2
     return np.where(mid > lo, mid, hi)
@@ -198,17 +202,76 @@ def sweep_per_class(scores, membership, labels, min_count: int = 20) -> ClassThr
     m = _as_binary(membership, s.shape[0], "membership")
     lab = _as_labels(labels, s.shape[0])
     global_threshold = sweep(s, m).best_threshold
+    classes, best = _best_per_class(s, m, lab)
+    counts = np.bincount(np.searchsorted(classes, lab), minlength=len(classes))
+    members = np.bincount(np.searchsorted(classes, lab), weights=m, minlength=len(classes))
     per_class: dict[int, float] = {}
     fallback: list[int] = []
-    for c in np.unique(lab).tolist():
-        mask = lab == c
-        mc = m[mask]
-        if mask.sum() < min_count or mc.min() == mc.max():
+    for c, t, count, mem in zip(classes.tolist(), best.tolist(), counts.tolist(), members.tolist()):
+        if count < min_count or mem == 0 or mem == count:
             per_class[c] = global_threshold
             fallback.append(c)
         else:
-            per_class[c] = sweep(s[mask], mc).best_threshold
+            per_class[c] = t
     return ClassThresholds(global_threshold, per_class, fallback)
+
+
+def _best_per_class(s: np.ndarray, m: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, best threshold of each): ``sweep(s[lab == c], m[lab == c]).best_threshold`` for every
+    label c, for all labels in one O(n log n) pass (one sort by (label, score), no loop over labels).
+
+    Per class the candidates are those of ``sweep`` in the same order (-inf, the cuts, +inf unless
+    +inf is a score) and the first maximum wins, so the results are identical.
+    """
+    order = np.lexsort((s, lab))
+    ss, mm, ll = s[order], m[order], lab[order]
+    n = len(ss)
+    class_start = np.ones(n, dtype=bool)
+    class_start[1:] = ll[1:] != ll[:-1]
+    new_group = class_start.copy()
+    new_group[1:] |= ss[1:] != ss[:-1]
+    g_start = np.flatnonzero(new_group)  # each (label, distinct score) group, sorted
+    g_members = np.add.reduceat(mm, g_start)
+    g_total = np.diff(np.append(g_start, n))
+    g_value = ss[g_start]
+    g_first = class_start[g_start]
+    g_class = np.cumsum(g_first) - 1  # 0 .. C-1
+    first_g = np.flatnonzero(g_first)  # first group of each class
+    last_g = np.append(first_g[1:], len(g_start)) - 1  # last group of each class
+    classes = ll[g_start[first_g]]
+    # members / non-members at or below each group, within its class
+    cum_m = np.cumsum(g_members)
+    cum_n = np.cumsum(g_total - g_members)
+    before_m = (cum_m - g_members)[first_g]
+    before_n = (cum_n - (g_total - g_members))[first_g]
+    class_members = cum_m[last_g] - before_m
+    below_m = cum_m - before_m[g_class]
+    below_n = cum_n - before_n[g_class]
+    # candidates per class: "-inf" (everyone a member), then the cut after each group
+    n_groups = len(g_start)
+    n_cand = n_groups + len(classes)
+    start_pos = first_g + np.arange(len(classes))  # position of each class's "-inf" candidate
+    after_pos = np.arange(n_groups) + g_class + 1
+    correct = np.empty(n_cand, dtype=np.float64)
+    thresholds = np.empty(n_cand, dtype=np.float64)
+    correct[start_pos] = class_members
+    thresholds[start_pos] = -np.inf
+    correct[after_pos] = below_n + class_members[g_class] - below_m
+    is_last = np.zeros(n_groups, dtype=bool)
+    is_last[last_g] = True
+    cut = np.full(n_groups, np.inf)
+    inner = np.flatnonzero(~is_last)
+    if len(inner):
+        cut[inner] = _pair_cuts(g_value[inner], g_value[inner + 1])
+    thresholds[after_pos] = cut
+    # sweep() leaves out "+inf" when +inf is a score: it would repeat a split
+    drop = after_pos[is_last & (g_value == np.inf)]
+    correct[drop] = -1.0
+    best = np.maximum.reduceat(correct, start_pos)
+    cand_class = np.repeat(np.arange(len(classes)), np.diff(np.append(start_pos, n_cand)))
+    hits = np.flatnonzero(correct == best[cand_class])
+    _, first_hit = np.unique(cand_class[hits], return_index=True)
+    return classes, thresholds[hits[first_hit]]
 
 
 def predict_per_class(scores, labels, ct: ClassThresholds) -> np.ndarray:

@@ -243,3 +243,31 @@ def test_sweep_per_class_validation():
         sweep_per_class([1.0, 2.0], [0, 1], [0.0, 1.0])
     with pytest.raises(ValueError, match="min_count"):
         sweep_per_class([1.0, 2.0], [0, 1], [0, 1], min_count=0)
+
+
+def _loop_per_class(s, m, lab, min_count):
+    """The definition: an exact sweep per label, global fallback below min_count or with one class."""
+    g = sweep(s, m).best_threshold
+    out, fb = {}, []
+    for c in np.unique(lab).tolist():
+        mask = lab == c
+        if mask.sum() < min_count or m[mask].min() == m[mask].max():
+            out[c], fb = g, fb + [c]
+        else:
+            out[c] = sweep(s[mask], m[mask]).best_threshold
+    return g, out, fb
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 60).flatmap(lambda n: st.tuples(
+    st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 1.0, 2.0, np.inf]) | st.floats(-3, 3), min_size=n, max_size=n),
+    st.lists(st.integers(0, 1), min_size=n, max_size=n),
+    st.lists(st.integers(0, 4), min_size=n, max_size=n))),
+    st.integers(1, 6))
+def test_sweep_per_class_equals_a_sweep_per_label(data, min_count):
+    s, m, lab = (np.array(x) for x in data)
+    s = s.astype(np.float64)
+    ct = sweep_per_class(s, m, lab, min_count=min_count)
+    g, per_class, fallback = _loop_per_class(s, m, lab, min_count)
+    assert ct.global_threshold == g and ct.fallback_classes == fallback
+    assert ct.per_class == per_class
