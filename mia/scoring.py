@@ -19,6 +19,10 @@ from mia.atomic import atomic_save_npy
 from mia.cache import file_digest
 
 CACHE_FORMAT = 2  # bump when the logits a cache file holds would change
+#: On the CPU a forward pass takes at most this many images: larger batches fall out of the CPU caches
+#: (measured with 2 threads, channels_last: ResNet34 at 64x64 scores 262 images/s in batches of 64 and
+#: 143 in batches of 256; MobileNetV2 at 32x32 578 against 290). CUDA takes the whole batch at once.
+CPU_FORWARD_IMAGES = 64
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,10 @@ def compute_logits(
 ) -> np.ndarray:
     """Logits of ``model`` on ``images`` (n, C, H, W) float32 under each view -> (V, n, classes) float32.
 
-    The model runs in channels_last memory format (about 2x faster convolutions on the CPU as well);
-    on CUDA in bf16 autocast with pinned, non-blocking copies, on the CPU in float32. The model is put
-    in eval mode.
+    The model runs in channels_last memory format (faster convolutions on the CPU as well); on CUDA
+    in bf16 autocast with pinned, non-blocking copies and one forward pass for all views of a batch;
+    on the CPU in float32, that batch split into forward passes of ``CPU_FORWARD_IMAGES`` images.
+    The model is put in eval mode.
     """
     dev = resolve_device(device)
     model = model.to(dev).eval().to(memory_format=torch.channels_last)
@@ -98,7 +103,7 @@ def compute_logits(
         batch = torch.cat([apply_view(x, v) for v in views])  # (V*B, C, H, W): one forward for all views
         batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            out = model(batch)
+            out = model(batch) if cuda else torch.cat([model(b) for b in batch.split(CPU_FORWARD_IMAGES)])
         chunks.append(out.float().reshape(len(views), x.shape[0], -1))
     if not chunks:
         raise ValueError("compute_logits: no images")
