@@ -277,14 +277,8 @@ def _integer_labels(array: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-def calibrated_aug_count(victim_predicted: np.ndarray, reference_predicted: np.ndarray, labels: np.ndarray,
-                         in_mask: np.ndarray) -> np.ndarray:
-    """Victim's correct-view count minus the mean count of the record's OUT references. -> (n,) float64.
-
-    victim_predicted (V, n) int (argmax of the victim per view); reference_predicted (K, V, n) int;
-    labels (n,); in_mask (K, n) bool. A record with no OUT model is calibrated with all its models.
-    TypeError for non-integer predictions.
-    """
+def _label_only_inputs(victim_predicted, reference_predicted, labels, in_mask):
+    """Validated (victim (V, n) int, references (K, V, n) int, labels (n,), in_mask (K, n) bool)."""
     victim_predicted = _integer_labels(victim_predicted, "victim_predicted")
     reference_predicted = _integer_labels(reference_predicted, "reference_predicted")
     labels = np.asarray(labels)
@@ -294,6 +288,19 @@ def calibrated_aug_count(victim_predicted: np.ndarray, reference_predicted: np.n
                          f"got {reference_predicted.shape}")
     if in_mask.shape != (reference_predicted.shape[0], reference_predicted.shape[2]):
         raise ValueError(f"in_mask must be (K, n) = {(reference_predicted.shape[0], reference_predicted.shape[2])}")
+    return victim_predicted, reference_predicted, labels, in_mask
+
+
+def calibrated_aug_count(victim_predicted: np.ndarray, reference_predicted: np.ndarray, labels: np.ndarray,
+                         in_mask: np.ndarray) -> np.ndarray:
+    """Victim's correct-view count minus the mean count of the record's OUT references. -> (n,) float64.
+
+    victim_predicted (V, n) int (argmax of the victim per view); reference_predicted (K, V, n) int;
+    labels (n,); in_mask (K, n) bool. A record with no OUT model is calibrated with all its models.
+    TypeError for non-integer predictions.
+    """
+    victim_predicted, reference_predicted, labels, in_mask = _label_only_inputs(
+        victim_predicted, reference_predicted, labels, in_mask)
     victim_count = (victim_predicted == labels[None]).sum(axis=0).astype(np.float64)
     ref_count = (reference_predicted == labels[None, None]).sum(axis=1).astype(np.float64)  # (K, n)
     out = ~in_mask
@@ -312,15 +319,8 @@ def label_lira(victim_predicted: np.ndarray, reference_predicted: np.ndarray, la
     OUT models get wrong but the victim gets right is strong evidence of membership; a record every
     model gets right is none. Shapes and TypeError as for ``calibrated_aug_count``.
     """
-    victim_predicted = _integer_labels(victim_predicted, "victim_predicted")
-    reference_predicted = _integer_labels(reference_predicted, "reference_predicted")
-    labels = np.asarray(labels)
-    in_mask = np.asarray(in_mask, dtype=bool)
-    if reference_predicted.ndim != 3 or reference_predicted.shape[1:] != victim_predicted.shape:
-        raise ValueError(f"reference_predicted must be (K, V, n) with (V, n) = {victim_predicted.shape}, "
-                         f"got {reference_predicted.shape}")
-    if in_mask.shape != (reference_predicted.shape[0], reference_predicted.shape[2]):
-        raise ValueError(f"in_mask must be (K, n) = {(reference_predicted.shape[0], reference_predicted.shape[2])}")
+    victim_predicted, reference_predicted, labels, in_mask = _label_only_inputs(
+        victim_predicted, reference_predicted, labels, in_mask)
     if not prior > 0:
         raise ValueError(f"prior must be positive, got {prior}")
     ref_correct = reference_predicted == labels[None, None]  # (K, V, n)
