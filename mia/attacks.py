@@ -186,9 +186,11 @@ def _class_stats(x: np.ndarray, labels: np.ndarray) -> dict:
     return stats
 
 
-def _learned_inputs(c: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, class_stats: dict | None) -> np.ndarray:
-    """The matrix a learned candidate sees: its features, plus (logreg_class) their per-class z-scores."""
-    x = _matrix(feats, c.features)
+def _learned_inputs(c: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, class_stats: dict | None,
+                    x: np.ndarray | None = None) -> np.ndarray:
+    """The matrix a learned candidate sees: its features (``x`` if already built), plus (logreg_class)
+    their per-class z-scores."""
+    x = _matrix(feats, c.features) if x is None else x
     if c.kind != "logreg_class":
         return x
     z = np.empty_like(x)
@@ -216,8 +218,9 @@ def fit(candidate: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, 
         return Fitted(c, threshold=sweep(feats[c.signal], membership).best_threshold)
     if c.kind == "class":
         return Fitted(c, class_thresholds=sweep_per_class(feats[c.signal], membership, labels, min_count=min_class_count))
-    class_stats = _class_stats(_matrix(feats, c.features), np.asarray(labels)) if c.kind == "logreg_class" else None
-    x = _learned_inputs(c, feats, labels, class_stats)
+    x = _matrix(feats, c.features)
+    class_stats = _class_stats(x, np.asarray(labels)) if c.kind == "logreg_class" else None
+    x = _learned_inputs(c, feats, labels, class_stats, x)
     if c.kind in ("logreg", "logreg_class"):
         # StandardScaler + LogisticRegression(C=1) of scikit-learn, solved by Newton's method (mia.logistic)
         model = fit_logistic(x, membership, c=1.0)

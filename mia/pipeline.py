@@ -5,7 +5,7 @@ The notebook calls the same steps one by one (``score_victim``, ``attack_victim`
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ class VictimData:
     cache_hits: int  # how many of the two logit arrays came from the cache
     seconds: float  # wall time of loading and scoring
     reference: dict[str, dict[str, np.ndarray]] | None = None  # LiRA/RMIA features per split, if any
-    reference_label: dict[str, dict[str, np.ndarray]] | None = None  # calibrated_aug_count per split, if any
+    reference_label: dict[str, dict[str, np.ndarray]] | None = None  # label-only reference features per split
     n_reference_models: int = 0
 
     def posterior(self, split: str) -> dict[str, np.ndarray]:
@@ -118,23 +118,16 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
     data = VictimData(victim, info, eval_recs, test_recs, answers, [v.name for v in views], out["eval"], out["test"],
                       hits, 0.0)
     if config.references:
-        from mia.reference_attacks import reference_features, reference_label_only_features
-        from mia.references import references_folder
+        from mia.reference_attacks import victim_reference_features
 
         # the references are queried on the victim's views that are also in config.reference_views
         allowed = {v.name for v in VIEW_SETS[config.reference_views]}
         idx = [i for i, name in enumerate(data.view_names) if name in allowed]
-        names = [data.view_names[i] for i in idx]
-        data.reference = reference_features(bundle.root, victim, data.eval_logits[idx], data.test_logits[idx],
-                                            eval_recs.labels, test_recs.labels, names, device=config.device,
-                                            batch_size=config.batch_size, progress=progress)
-        if data.reference is not None:
-            # label-only: the victim enters through its integer predicted labels only
-            data.reference_label = reference_label_only_features(
-                bundle.root, victim, data.predicted_labels("eval")[idx], data.predicted_labels("test")[idx],
-                eval_recs.labels, test_recs.labels, names, device=config.device, batch_size=config.batch_size)
-            manifest = references_folder(bundle.root, victim) / "manifest.json"
-            data.n_reference_models = len(json.loads(manifest.read_text()).get("complete", []))
+        ref = victim_reference_features(bundle.root, victim, data.eval_logits[idx], data.test_logits[idx],
+                                        eval_recs.labels, test_recs.labels, [data.view_names[i] for i in idx],
+                                        device=config.device, batch_size=config.batch_size, progress=progress)
+        if ref is not None:  # the label-only features come from the victim's predicted labels only
+            data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k
     data.seconds = time.perf_counter() - t0
     return data
 
@@ -168,10 +161,7 @@ def attack_victim(data: VictimData, config: RunConfig) -> list[TaskOutcome]:
     by_access: dict[str, TaskOutcome] = {}
     for task in config.tasks:
         if task.access in by_access:
-            shared = by_access[task.access]
-            outcomes.append(TaskOutcome(task, shared.victim, shared.used, shared.seed, shared.curves,
-                                        shared.eval_membership, shared.eval_labels, shared.eval_features,
-                                        shared.answers))
+            outcomes.append(dataclasses.replace(by_access[task.access], task=task))
             continue
         if task.access == "posterior":
             ev, te = data.posterior("eval"), data.posterior("test")

@@ -65,8 +65,10 @@ __all__ = [
     "GaussianFit",
     "LABEL_ONLY_FEATURES",
     "MIN_VARIANCE",
+    "ReferenceFeatures",
     "calibrated_aug_count",
     "fit_gaussians",
+    "label_lira",
     "lira_offline",
     "lira_online",
     "reference_features",
@@ -74,6 +76,7 @@ __all__ = [
     "rmia_dominance",
     "rmia_log_ratios",
     "rmia_scores",
+    "victim_reference_features",
 ]
 
 AUTO_GLOBAL_BELOW = 16  # global_variance=None: global variance when fewer reference models than this
@@ -86,6 +89,7 @@ FEATURES = {
 }
 LABEL_ONLY_FEATURES = {
     "calibrated_aug_count": "views classified correctly by the victim minus the mean over the record's OUT references",
+    "label_lira": "log-likelihood ratio of the victim's per-view correctness under IN vs OUT reference correctness rates",
 }
 
 
@@ -359,6 +363,50 @@ def _split(values: dict[str, np.ndarray], n_eval: int) -> dict[str, dict[str, np
             "test": {k: v[n_eval:].copy() for k, v in values.items()}}
 
 
+def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view_names: list[str], *, min_models: int,
+                     references_root, device: str, batch_size: int, progress: bool):
+    """(reference logits (K, V, n, C) on the victim's eval + test records, in_mask (K, n)), or None
+    when the victim has no usable reference set. Reads (or computes) each model's logits once."""
+    ref_set = _usable_set(bundle_root, victim, n_eval, n_test, min_models, references_root)
+    if ref_set is None:
+        return None
+    n = n_eval + n_test
+    ref_logits = reference_logits(ref_set, views_from_names(view_names), device=device, batch_size=batch_size,
+                                  progress=progress)[:, :, :n]
+    return ref_logits, ref_set.complete_masks()[:, :n]
+
+
+def _posterior_values(target: np.ndarray, ref_logits: np.ndarray, masks: np.ndarray, labels: np.ndarray, *,
+                      rmia_a: float, global_variance: bool | None) -> dict[str, np.ndarray]:
+    """LiRA online / offline and RMIA from victim logits (V, n, C) and reference logits (K, V, n, C)."""
+    def per_view(fn, logits):  # (..., V, n, C) -> (..., V, n)
+        flat = logits.reshape(-1, *logits.shape[-2:])
+        return np.stack([fn(z, labels) for z in flat]).reshape(logits.shape[:-1])
+
+    target_phi = per_view(sig.logit_scaled_confidence, target)
+    fit = fit_gaussians(per_view(sig.logit_scaled_confidence, ref_logits), masks, global_variance=global_variance)
+    return {
+        "lira_online": lira_online(target_phi, fit),
+        "lira_offline": lira_offline(target_phi, fit),
+        "rmia": rmia_scores(per_view(sig.neg_loss, target), per_view(sig.neg_loss, ref_logits), masks, a=rmia_a),
+    }
+
+
+def _label_only_values(victim_predicted: np.ndarray, ref_logits: np.ndarray, masks: np.ndarray,
+                       labels: np.ndarray) -> dict[str, np.ndarray]:
+    """calibrated_aug_count and label_lira from the victim's integer predictions (V, n)."""
+    ref_predicted = ref_logits.argmax(axis=-1)
+    return {"calibrated_aug_count": calibrated_aug_count(victim_predicted, ref_predicted, labels, masks),
+            "label_lira": label_lira(victim_predicted, ref_predicted, labels, masks)}
+
+
+def _victim_logits(eval_logits, test_logits, n_views: int, n: int) -> np.ndarray:
+    target = np.concatenate([np.asarray(eval_logits), np.asarray(test_logits)], axis=1)  # (V, n, C)
+    if target.shape[:2] != (n_views, n):
+        raise ValueError(f"victim logits must be (V={n_views}, n_eval + n_test, C), got {target.shape}")
+    return target
+
+
 def reference_features(
     bundle_root: str | Path,
     victim: Victim,
@@ -387,30 +435,13 @@ def reference_features(
     """
     eval_labels, test_labels = np.asarray(eval_labels), np.asarray(test_labels)
     n_eval, n_test = len(eval_labels), len(test_labels)
-    ref_set = _usable_set(bundle_root, victim, n_eval, n_test, min_models, references_root)
-    if ref_set is None:
+    loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=min_models,
+                              references_root=references_root, device=device, batch_size=batch_size, progress=progress)
+    if loaded is None:
         return None
-    views = views_from_names(view_names)
-    target = np.concatenate([np.asarray(eval_logits), np.asarray(test_logits)], axis=1)  # (V, n, C)
-    if target.shape[:2] != (len(views), n_eval + n_test):
-        raise ValueError(f"victim logits must be (V={len(views)}, n_eval + n_test, C), got {target.shape}")
-    n = n_eval + n_test
-    labels = np.concatenate([eval_labels, test_labels])
-    ref_logits = reference_logits(ref_set, views, device=device, batch_size=batch_size, progress=progress)[:, :, :n]
-    masks = ref_set.complete_masks()[:, :n]
-
-    def per_view(fn, logits):  # (..., V, n, C) -> (..., V, n)
-        flat = logits.reshape(-1, *logits.shape[-2:])
-        return np.stack([fn(z, labels) for z in flat]).reshape(logits.shape[:-1])
-
-    target_phi = per_view(sig.logit_scaled_confidence, target)
-    ref_phi = per_view(sig.logit_scaled_confidence, ref_logits)
-    fit = fit_gaussians(ref_phi, masks, global_variance=global_variance)
-    values = {
-        "lira_online": lira_online(target_phi, fit),
-        "lira_offline": lira_offline(target_phi, fit),
-        "rmia": rmia_scores(per_view(sig.neg_loss, target), per_view(sig.neg_loss, ref_logits), masks, a=rmia_a),
-    }
+    target = _victim_logits(eval_logits, test_logits, len(view_names), n_eval + n_test)
+    values = _posterior_values(target, *loaded, np.concatenate([eval_labels, test_labels]), rmia_a=rmia_a,
+                               global_variance=global_variance)
     return _split(values, n_eval)
 
 
@@ -439,16 +470,52 @@ def reference_label_only_features(
     test_predicted = _integer_labels(test_predicted, "test_predicted")
     eval_labels, test_labels = np.asarray(eval_labels), np.asarray(test_labels)
     n_eval, n_test = len(eval_labels), len(test_labels)
-    ref_set = _usable_set(bundle_root, victim, n_eval, n_test, min_models, references_root)
-    if ref_set is None:
+    loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=min_models,
+                              references_root=references_root, device=device, batch_size=batch_size, progress=progress)
+    if loaded is None:
         return None
-    views = views_from_names(view_names)
-    n = n_eval + n_test
-    ref_predicted = reference_logits(ref_set, views, device=device, batch_size=batch_size,
-                                     progress=progress)[:, :, :n].argmax(axis=-1)
     victim_predicted = np.concatenate([eval_predicted, test_predicted], axis=1)
+    return _split(_label_only_values(victim_predicted, *loaded, np.concatenate([eval_labels, test_labels])), n_eval)
+
+
+@dataclass
+class ReferenceFeatures:
+    """Everything the reference models add to one victim's run (``victim_reference_features``)."""
+
+    k: int  # complete reference models used
+    posterior: dict[str, dict[str, np.ndarray]]  # split -> lira_online, lira_offline, rmia
+    label_only: dict[str, dict[str, np.ndarray]]  # split -> calibrated_aug_count, label_lira
+
+
+def victim_reference_features(
+    bundle_root: str | Path,
+    victim: Victim,
+    eval_logits: np.ndarray,
+    test_logits: np.ndarray,
+    eval_labels: np.ndarray,
+    test_labels: np.ndarray,
+    view_names: list[str],
+    *,
+    device: str = "auto",
+    min_models: int = 2,
+    rmia_a: float = 0.3,
+    global_variance: bool | None = None,
+    references_root: str | Path | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> ReferenceFeatures | None:
+    """``reference_features`` and ``reference_label_only_features`` at once, the reference set and its
+    logits loaded once. The label-only features see only the victim's predicted labels (the argmax
+    of its logits), as ``reference_label_only_features`` would be given them. None without references."""
+    eval_labels, test_labels = np.asarray(eval_labels), np.asarray(test_labels)
+    n_eval, n_test = len(eval_labels), len(test_labels)
+    loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=min_models,
+                              references_root=references_root, device=device, batch_size=batch_size, progress=progress)
+    if loaded is None:
+        return None
     labels = np.concatenate([eval_labels, test_labels])
-    masks = ref_set.complete_masks()[:, :n]
-    values = {"calibrated_aug_count": calibrated_aug_count(victim_predicted, ref_predicted, labels, masks),
-              "label_lira": label_lira(victim_predicted, ref_predicted, labels, masks)}
-    return _split(values, n_eval)
+    target = _victim_logits(eval_logits, test_logits, len(view_names), n_eval + n_test)
+    posterior = _posterior_values(target, *loaded, labels, rmia_a=rmia_a, global_variance=global_variance)
+    label_only = _label_only_values(target.argmax(axis=-1), *loaded, labels)
+    return ReferenceFeatures(k=loaded[0].shape[0], posterior=_split(posterior, n_eval),
+                             label_only=_split(label_only, n_eval))

@@ -202,9 +202,7 @@ def sweep_per_class(scores, membership, labels, min_count: int = 20) -> ClassThr
     m = _as_binary(membership, s.shape[0], "membership")
     lab = _as_labels(labels, s.shape[0])
     global_threshold = sweep(s, m).best_threshold
-    classes, best = _best_per_class(s, m, lab)
-    counts = np.bincount(np.searchsorted(classes, lab), minlength=len(classes))
-    members = np.bincount(np.searchsorted(classes, lab), weights=m, minlength=len(classes))
+    classes, best, counts, members = _best_per_class(s, m, lab)
     per_class: dict[int, float] = {}
     fallback: list[int] = []
     for c, t, count, mem in zip(classes.tolist(), best.tolist(), counts.tolist(), members.tolist()):
@@ -216,9 +214,10 @@ def sweep_per_class(scores, membership, labels, min_count: int = 20) -> ClassThr
     return ClassThresholds(global_threshold, per_class, fallback)
 
 
-def _best_per_class(s: np.ndarray, m: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(classes, best threshold of each): ``sweep(s[lab == c], m[lab == c]).best_threshold`` for every
-    label c, for all labels in one O(n log n) pass (one sort by (label, score), no loop over labels).
+def _best_per_class(s: np.ndarray, m: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(classes, best threshold, records, members) per label: the threshold is
+    ``sweep(s[lab == c], m[lab == c]).best_threshold`` for every label c, for all labels in one
+    O(n log n) pass (one sort by (label, score), no loop over labels).
 
     Per class the candidates are those of ``sweep`` in the same order (-inf, the cuts, +inf unless
     +inf is a score) and the first maximum wins, so the results are identical.
@@ -245,6 +244,7 @@ def _best_per_class(s: np.ndarray, m: np.ndarray, lab: np.ndarray) -> tuple[np.n
     before_m = (cum_m - g_members)[first_g]
     before_n = (cum_n - (g_total - g_members))[first_g]
     class_members = cum_m[last_g] - before_m
+    class_records = class_members + cum_n[last_g] - before_n
     below_m = cum_m - before_m[g_class]
     below_n = cum_n - before_n[g_class]
     # candidates per class: "-inf" (everyone a member), then the cut after each group
@@ -271,7 +271,7 @@ def _best_per_class(s: np.ndarray, m: np.ndarray, lab: np.ndarray) -> tuple[np.n
     cand_class = np.repeat(np.arange(len(classes)), np.diff(np.append(start_pos, n_cand)))
     hits = np.flatnonzero(correct == best[cand_class])
     _, first_hit = np.unique(cand_class[hits], return_index=True)
-    return classes, thresholds[hits[first_hit]]
+    return classes, thresholds[hits[first_hit]], class_records, class_members
 
 
 def predict_per_class(scores, labels, ct: ClassThresholds) -> np.ndarray:

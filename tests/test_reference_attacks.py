@@ -12,8 +12,8 @@ from mia.checkpoints import load_victim_model
 from mia.data import load_records
 from mia.reference_attacks import (
     calibrated_aug_count,
-    label_lira,
     fit_gaussians,
+    label_lira,
     lira_offline,
     lira_online,
     reference_features,
@@ -21,6 +21,7 @@ from mia.reference_attacks import (
     rmia_dominance,
     rmia_log_ratios,
     rmia_scores,
+    victim_reference_features,
 )
 from mia.references import ReferenceRecipe, train_references
 from mia.scoring import FLIP, IDENTITY, compute_logits
@@ -231,6 +232,16 @@ def test_reference_features_end_to_end(bundle, tmp_path):
     assert np.abs(label_only["test"]["calibrated_aug_count"]).max() <= 2  # two views
     with pytest.raises(TypeError):
         reference_label_only_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names, **kwargs)
+    # both at once, the references loaded once: the same values
+    both = victim_reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names, **kwargs)
+    assert both.k == 4
+    for split in ("eval", "test"):
+        for name, values in feats[split].items():
+            np.testing.assert_array_equal(both.posterior[split][name], values)
+        for name, values in label_only[split].items():
+            np.testing.assert_array_equal(both.label_only[split][name], values)
+    assert victim_reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
+                                     min_models=5, **kwargs) is None
 
 
 def test_run_uses_references_for_every_task(tiny_bundle, copy_bundle, tmp_path):
