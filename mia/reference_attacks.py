@@ -433,16 +433,11 @@ def reference_features(
     'lira_online', 'lira_offline', 'rmia'. Raises MIAError when the references were trained on
     other eval/test files.
     """
-    eval_labels, test_labels = np.asarray(eval_labels), np.asarray(test_labels)
-    n_eval, n_test = len(eval_labels), len(test_labels)
-    loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=min_models,
-                              references_root=references_root, device=device, batch_size=batch_size, progress=progress)
-    if loaded is None:
-        return None
-    target = _victim_logits(eval_logits, test_logits, len(view_names), n_eval + n_test)
-    values = _posterior_values(target, *loaded, np.concatenate([eval_labels, test_labels]), rmia_a=rmia_a,
-                               global_variance=global_variance)
-    return _split(values, n_eval)
+    both = victim_reference_features(bundle_root, victim, eval_logits, test_logits, eval_labels, test_labels,
+                                     view_names, device=device, min_models=min_models, rmia_a=rmia_a,
+                                     global_variance=global_variance, references_root=references_root,
+                                     batch_size=batch_size, progress=progress)
+    return None if both is None else both.posterior
 
 
 def reference_label_only_features(
