@@ -53,33 +53,54 @@ def posterior_features(logits: np.ndarray, labels: np.ndarray, view_names: list[
 
 
 def is_view_input(name: str) -> bool:
-    """A per-view feature (``view{v}_lsc``, ``view{v}_correct``): an input of the learned attacks only."""
-    return name.startswith("view")
+    """A per-view or per-noise-level feature (``view{v}_lsc``, ``sigma{s}_correct``): an input of the
+    learned attacks only, never thresholded alone."""
+    return name.startswith(("view", "sigma"))
 
 
-def label_only_features(predicted: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Features for label-only access from predicted labels only.
-
-    predicted: (V, n) integer predicted labels for V query views (view 0 = the image itself);
-    labels: (n,) int. Returns ``correctness`` (view 0), ``aug_correct_count`` (how many views are
-    still classified correctly; Choquette-Choo et al. 2021) and ``view{v}_correct`` for each other
-    view, as float64.
-    Raises TypeError for anything but integer labels: probabilities and logits are refused.
-    """
+def _integer_predictions(predicted, n: int, what: str) -> np.ndarray:
     predicted = np.asarray(predicted)
     if not np.issubdtype(predicted.dtype, np.integer):
         raise TypeError(
-            f"label-only features take integer predicted labels, got dtype {predicted.dtype}: "
+            f"label-only features take integer predicted labels, got dtype {predicted.dtype} for {what}: "
             "probabilities or logits must not reach a label-only attack"
         )
-    if predicted.ndim != 2 or predicted.shape[1] != len(labels):
-        raise ValueError(f"predicted labels must be (V, n={len(labels)}), got {predicted.shape}")
-    correct = predicted == np.asarray(labels)[None, :]
+    if predicted.ndim != 2 or predicted.shape[1] != n:
+        raise ValueError(f"{what} must be (V, n={n}) predicted labels, got {predicted.shape}")
+    return predicted
+
+
+def label_only_features(predicted: np.ndarray, labels: np.ndarray, noise_predicted: np.ndarray | None = None,
+                        noise_levels: list[float] | tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
+    """Features for label-only access from predicted labels only.
+
+    predicted: (V, n) integer predicted labels for V query views (view 0 = the image itself);
+    labels: (n,) int. Returns ``correctness`` (view 0) and ``aug_correct_count`` (how many views are
+    still classified correctly; Choquette-Choo et al. 2021), as float64.
+    noise_predicted: (Q, n) integer predicted labels of Q noisy queries, query q made at noise level
+    ``noise_levels[q]``: adds ``noise_correct`` (the fraction of noisy queries classified correctly;
+    robustness to noise, Choquette-Choo et al.'s noise attack) and, with more than one level,
+    ``sigma{s}_correct`` (the fraction at level s; inputs of the learned attacks).
+    Raises TypeError for anything but integer labels: probabilities and logits are refused.
+    """
+    labels = np.asarray(labels)
+    predicted = _integer_predictions(predicted, len(labels), "predicted")
+    correct = predicted == labels[None, :]
     feats = {"correctness": correct[0].astype(np.float64)}
     if predicted.shape[0] > 1:
         feats["aug_correct_count"] = correct.sum(axis=0).astype(np.float64)
-        for v in range(1, predicted.shape[0]):  # inputs of the learned label-only attack
-            feats[f"view{v}_correct"] = correct[v].astype(np.float64)
+    if noise_predicted is not None:
+        noise_predicted = _integer_predictions(noise_predicted, len(labels), "noise_predicted")
+        levels = np.asarray(noise_levels if noise_levels is not None else [], dtype=np.float64)
+        if levels.shape != (noise_predicted.shape[0],) or len(levels) == 0:
+            raise ValueError(f"noise_levels must give the level of each of the {noise_predicted.shape[0]} noisy "
+                             f"queries, got {None if noise_levels is None else len(levels)}")
+        noisy_correct = noise_predicted == labels[None, :]
+        feats["noise_correct"] = noisy_correct.mean(axis=0, dtype=np.float64)
+        distinct = list(dict.fromkeys(levels.tolist()))
+        if len(distinct) > 1:
+            for s in distinct:
+                feats[f"sigma{s:g}_correct"] = noisy_correct[levels == s].mean(axis=0, dtype=np.float64)
     return feats
 
 
@@ -256,18 +277,27 @@ def strong_posterior_candidates(feature_names: list[str]) -> tuple[Candidate, ..
     return tuple(out)
 
 
+#: Label-only signals thresholded alone (those a run has), in this order.
+LABEL_ONLY_SIGNALS = ("correctness", "aug_correct_count", "noise_correct", "calibrated_aug_count", "label_lira")
+
+
 def strong_label_only_candidates(feature_names: list[str]) -> tuple[Candidate, ...]:
-    """Correctness and the augmentation count (and, with reference models, the calibrated count) with
-    global and per-class thresholds, and a logistic regression over the correctness of every view
-    (it learns which views carry membership) plus the calibrated count when present."""
-    base = [n for n in feature_names if n in ("correctness", "aug_correct_count", "calibrated_aug_count",
-                                              "label_lira")]
+    """Correctness, the augmentation count, the noise robustness (and, with reference models, the
+    calibrated count and the label-only likelihood ratio) with global and per-class thresholds, and
+    logistic regressions over them: the noise robustness per noise level instead of pooled, and
+    without the image's own correctness when there are noisy queries (they subsume it).
+
+    (The correctness of each augmented view as separate inputs is not a candidate any more: with the
+    noisy queries the compact inputs did as well in cross-validation on the demo bundle's eval, with
+    fewer inputs to overfit.)"""
+    base = [n for n in LABEL_ONLY_SIGNALS if n in feature_names]
     out = [Candidate("global", n) for n in base] + [Candidate("class", n) for n in base]
-    per_view = ["correctness"] + [n for n in feature_names if is_view_input(n)]
-    per_view += [n for n in ("calibrated_aug_count", "label_lira") if n in feature_names]  # with references
-    if len(per_view) > 1:
-        out.append(Candidate("logreg", features=tuple(per_view)))
-        out.append(Candidate("logreg_class", features=tuple(per_view)))
+    levels = [n for n in feature_names if n.startswith("sigma")]
+    pooled = ("noise_correct", "correctness") if levels else ("correctness",) if "noise_correct" in base else ()
+    learned = [n for n in base if n not in pooled] + levels  # the noisy queries subsume the image's correctness
+    if len(learned) > 1:
+        out.append(Candidate("logreg", features=tuple(learned)))
+        out.append(Candidate("logreg_class", features=tuple(learned)))
     return tuple(out)
 
 

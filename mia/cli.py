@@ -50,6 +50,19 @@ def _parse_task_access(values: list[str] | None) -> tuple[TaskConfig, ...]:
     return tuple(TaskConfig(k, v) for k, v in sorted(tasks.items()))
 
 
+def _parse_noise_levels(text: str) -> tuple[float, ...]:
+    """'0.1,0.15' -> (0.1, 0.15); 'none' or '' -> () (no noisy queries)."""
+    if text.strip().lower() in ("", "none", "off"):
+        return ()
+    try:
+        levels = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise MIAError(f"--label-noise expects comma-separated positive numbers or 'none', got {text!r}") from None
+    if any(not x > 0 for x in levels):
+        raise MIAError(f"--label-noise levels must be positive, got {text!r}")
+    return levels
+
+
 def _config_from_args(args) -> RunConfig:
     return RunConfig(
         tasks=_parse_task_access(args.task),
@@ -65,6 +78,8 @@ def _config_from_args(args) -> RunConfig:
         keep_going=args.keep_going,
         references=not args.no_references,
         reference_views=args.reference_views,
+        label_noise=_parse_noise_levels(args.label_noise),
+        label_noise_draws=args.label_noise_draws,
         victims=tuple(args.victims) if args.victims else None,
     )
 
@@ -94,6 +109,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-views", choices=("identity", "flip", "standard"), default="flip",
                    help="views the reference models are queried on (default flip: the image and its flip; each "
                         "view costs one scoring pass per reference model)")
+    p.add_argument("--label-noise", default="0.1,0.15", metavar="S1,S2,...",
+                   help="task 3's noisy queries: Gaussian noise levels in units of the eval images' pixel standard "
+                        "deviation (default 0.1,0.15); 'none' turns them off")
+    p.add_argument("--label-noise-draws", type=int, default=8, metavar="N",
+                   help="noisy copies of the image, and N of its flip, per noise level (default 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,9 @@ class RunConfig:
     references: bool = True  # use reference models under <bundle>/references/ when present (LiRA, RMIA)
     reference_views: str = "flip"  # views the references are queried on (those of `views` in this set): each
     #   reference model costs one victim scoring per view, so CPU runs keep image + flip (as LiRA does)
+    label_noise: tuple[float, ...] = (0.1, 0.15)  # label-only noisy queries: noise levels in units of the eval
+    #   images' pixel standard deviation; () turns them off
+    label_noise_draws: int = 8  # noisy copies of the image, and as many of its flip, per noise level
     victims: tuple[str, ...] | None = None  # only these victims (<arch>_<dataset>); None = all
     extra: dict = field(default_factory=dict)  # free-form notes carried into result.json
 
@@ -52,6 +55,11 @@ class RunConfig:
             raise ValueError(f"method must be 'strong' or 'seed', got {self.method!r}")
         if self.reference_views not in ("identity", "flip", "standard"):
             raise ValueError(f"reference_views must be 'identity', 'flip' or 'standard', got {self.reference_views!r}")
+        self.label_noise = tuple(float(s) for s in self.label_noise)
+        if any(not s > 0 for s in self.label_noise):
+            raise ValueError(f"label_noise levels must be positive, got {self.label_noise}")
+        if self.label_noise_draws < 1:
+            raise ValueError(f"label_noise_draws must be at least 1, got {self.label_noise_draws}")
         if self.folds < 2:
             raise ValueError(f"folds must be at least 2, got {self.folds}")
         if len({t.task for t in self.tasks}) != len(self.tasks):
@@ -61,6 +69,7 @@ class RunConfig:
         d = asdict(self)
         d["tasks"] = [asdict(t) for t in self.tasks]
         d["victims"] = list(self.victims) if self.victims is not None else None
+        d["label_noise"] = list(self.label_noise)
         return d
 
     @classmethod

@@ -18,7 +18,7 @@ from mia.checkpoints import VictimModelInfo, load_victim_model
 from mia.config import RunConfig, TaskConfig
 from mia.data import Records, load_records
 from mia.errors import DataError, MIAError
-from mia.scoring import VIEW_SETS, cached_logits, compute_logits
+from mia.scoring import VIEW_SETS, View, cached_logits, compute_logits, noise_views
 from mia.thresholds import Sweep, sweep
 
 
@@ -39,6 +39,9 @@ class VictimData:
     reference: dict[str, dict[str, np.ndarray]] | None = None  # LiRA/RMIA features per split, if any
     reference_label: dict[str, dict[str, np.ndarray]] | None = None  # label-only reference features per split
     n_reference_models: int = 0
+    noise_levels: list[float] = field(default_factory=list)  # noise level (config.label_noise units) of each noisy query
+    eval_noise_labels: np.ndarray | None = None  # (Q, n_eval) int64 predicted labels of the noisy queries
+    test_noise_labels: np.ndarray | None = None  # (Q, n_test)
 
     def posterior(self, split: str) -> dict[str, np.ndarray]:
         """Signals for posterior access on 'eval' or 'test' (with LiRA/RMIA when references exist)."""
@@ -56,7 +59,9 @@ class VictimData:
     def label_only(self, split: str) -> dict[str, np.ndarray]:
         """Features for label-only access: from the victim's predicted labels (and reference models)."""
         recs = self.eval if split == "eval" else self.test
-        feats = attacks.label_only_features(self.predicted_labels(split), recs.labels)
+        noisy = self.eval_noise_labels if split == "eval" else self.test_noise_labels
+        feats = attacks.label_only_features(self.predicted_labels(split), recs.labels, noisy,
+                                            self.noise_levels if noisy is not None else None)
         if self.reference_label is not None:
             feats.update(self.reference_label[split])
         return feats
@@ -82,6 +87,16 @@ def load_answers(victim: Victim, n_test: int) -> np.ndarray | None:
     if not np.isin(ans, (0, 1)).all():
         raise DataError("answer key values must be 0 or 1", victim.answers_path)
     return ans.astype(np.int64)
+
+
+def label_noise_queries(eval_images: np.ndarray, config: RunConfig) -> tuple[tuple[View, ...], list[float]]:
+    """The label-only attack's noisy query views and the level (in config.label_noise units) of each.
+
+    Levels are relative to the pixel standard deviation of the eval images (rounded to 4 significant
+    digits, so the views' names, and the cache keys made of them, are stable)."""
+    scale = float(f"{float(np.std(eval_images, dtype=np.float64)):.4g}") or 1.0
+    views = noise_views(tuple(s * scale for s in config.label_noise), config.label_noise_draws)
+    return views, [s for s in config.label_noise for _ in range(2 * config.label_noise_draws)]
 
 
 def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress: bool = True) -> VictimData:
@@ -117,6 +132,17 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         out[split] = logits
     data = VictimData(victim, info, eval_recs, test_recs, answers, [v.name for v in views], out["eval"], out["test"],
                       hits, 0.0)
+    if config.label_noise and any(t.access == "label" for t in config.tasks):
+        queries, levels = label_noise_queries(eval_recs.images, config)
+        noisy = {}
+        for split, recs in (("eval", eval_recs), ("test", test_recs)):
+            def compute_labels(recs=recs, split=split):
+                return compute_logits(model, recs.images, queries, device=config.device, batch_size=config.batch_size,
+                                      progress=f"{victim.name} {split} noisy queries" if progress else False,
+                                      labels_only=True)
+            noisy[split], hit = cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file),
+                                              f"{victim.name}-{split}-noisy", queries, compute_labels, ndim=2)
+        data.noise_levels, data.eval_noise_labels, data.test_noise_labels = levels, noisy["eval"], noisy["test"]
     if config.references:
         from mia.reference_attacks import victim_reference_features
 
@@ -237,6 +263,8 @@ def run(bundle: Bundle | str | Path, config: RunConfig | None = None, *, progres
         cached = " (logits from cache)" if data.cache_hits == 2 else ""
         if data.reference is not None:
             cached += f", {data.n_reference_models} reference models (LiRA, RMIA)"
+        if data.noise_levels:
+            cached += f", {len(data.noise_levels)} noisy label-only queries"
         log(f"{victim.name}: {len(data.eval)} eval + {len(data.test)} test records, {len(data.view_names)} views, "
             f"scored in {data.seconds:.1f}s{cached}")
     result.seconds = time.perf_counter() - t0

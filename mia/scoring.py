@@ -1,13 +1,16 @@
 """Batched inference: the logits of every record under a few deterministic views, cached on disk.
 
-Views are the image itself, its horizontal flip and small translations (zero padded, not wrapped).
-All views of a batch are generated on the device and go through the model together. Logits are the
-only thing computed with the model; every signal is derived from them in float64 (mia.signals).
+Views are the image itself, its horizontal flip and small translations (zero padded, not wrapped),
+optionally plus Gaussian noise (the label-only attack's noisy queries). All views of a batch are
+generated on the device and go through the model together. Logits (or, for the many noisy queries,
+just the predicted labels) are the only thing computed with the model; every signal is derived from
+them in float64 (mia.signals).
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +28,34 @@ CACHE_FORMAT = 2  # bump when the logits a cache file holds would change
 CPU_FORWARD_IMAGES = 64
 
 
+#: Seed of the noise patterns: draw d is the same standard normal image on every device and run.
+NOISE_SEED = 20221
+
+
 @dataclass(frozen=True)
 class View:
-    """A deterministic query view: optional horizontal flip, then a shift by (dx, dy) pixels."""
+    """A deterministic query view: optional horizontal flip, then a shift by (dx, dy) pixels, then
+    ``noise`` times noise pattern number ``draw`` (a fixed standard normal image, see noise_pattern)."""
 
     flip: bool = False
     dx: int = 0  # positive moves the content right
     dy: int = 0  # positive moves the content down
+    noise: float = 0.0  # standard deviation of the added Gaussian noise, in pixel units of the images
+    draw: int = 0  # which noise pattern (only with noise > 0)
+
+    def __post_init__(self):
+        if not self.noise >= 0:
+            raise ValueError(f"noise must be >= 0, got {self.noise}")
+        if self.draw < 0:
+            raise ValueError(f"draw must be >= 0, got {self.draw}")
 
     @property
     def name(self) -> str:
         parts = ["flip" if self.flip else "id"]
         if self.dx or self.dy:
             parts.append(f"dx{self.dx:+d}dy{self.dy:+d}")
+        if self.noise:
+            parts.append(f"noise{self.noise:.6g}#{self.draw}")
         return ":".join(parts)
 
 
@@ -51,6 +69,30 @@ STANDARD_VIEWS: tuple[View, ...] = (IDENTITY, FLIP) + tuple(
 VIEW_SETS = {"identity": (IDENTITY,), "flip": (IDENTITY, FLIP), "standard": STANDARD_VIEWS}
 
 
+def noise_views(sigmas: tuple[float, ...], draws: int) -> tuple[View, ...]:
+    """The noisy queries of the label-only attack: for each noise level sigma (pixel units), ``draws``
+    noisy copies of the image and ``draws`` of its flip, every one with its own noise pattern."""
+    if draws < 1:
+        raise ValueError(f"draws must be at least 1, got {draws}")
+    out, d = [], 0
+    for sigma in sigmas:
+        if not sigma > 0:
+            raise ValueError(f"noise levels must be positive, got {sigma}")
+        for flip in (False, True):
+            for _ in range(draws):
+                out.append(View(flip=flip, noise=float(sigma), draw=d))
+                d += 1
+    return tuple(out)
+
+
+@lru_cache(maxsize=512)
+def noise_pattern(shape: tuple[int, ...], draw: int) -> torch.Tensor:
+    """Noise pattern ``draw``: a standard normal float32 image of ``shape`` (C, H, W), made on the CPU
+    from its own seeded generator, so it does not depend on the batch, the device or other views."""
+    gen = torch.Generator().manual_seed(NOISE_SEED * 1_000_003 + draw)
+    return torch.randn(shape, generator=gen, dtype=torch.float32)
+
+
 def apply_view(images: torch.Tensor, view: View) -> torch.Tensor:
     """images (B, C, H, W) -> the same batch under ``view`` (zero fill where content moved out)."""
     out = images.flip(-1) if view.flip else images
@@ -60,6 +102,9 @@ def apply_view(images: torch.Tensor, view: View) -> torch.Tensor:
         padded = F.pad(out, (p, p, p, p))
         top, left = p - view.dy, p - view.dx
         out = padded[..., top : top + h, left : left + w]
+    if view.noise:
+        pattern = noise_pattern(tuple(out.shape[1:]), view.draw).to(out.device, out.dtype)
+        out = out + view.noise * pattern
     return out
 
 
@@ -79,8 +124,10 @@ def compute_logits(
     device: str | torch.device | None = "auto",
     batch_size: int = 256,
     progress: bool | str = False,
+    labels_only: bool = False,
 ) -> np.ndarray:
-    """Logits of ``model`` on ``images`` (n, C, H, W) float32 under each view -> (V, n, classes) float32.
+    """Logits of ``model`` on ``images`` (n, C, H, W) float32 under each view -> (V, n, classes) float32;
+    with ``labels_only`` just the predicted labels (argmax) -> (V, n) int64 (for many noisy queries).
 
     The model runs in channels_last memory format (faster convolutions on the CPU as well); on CUDA
     in bf16 autocast with pinned, non-blocking copies and one forward pass for all views of a batch;
@@ -104,7 +151,8 @@ def compute_logits(
         batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
             out = model(batch) if cuda else torch.cat([model(b) for b in batch.split(CPU_FORWARD_IMAGES)])
-        chunks.append(out.float().reshape(len(views), x.shape[0], -1))
+        out = out.float().reshape(len(views), x.shape[0], -1)
+        chunks.append(out.argmax(dim=-1) if labels_only else out)
     if not chunks:
         raise ValueError("compute_logits: no images")
     return torch.cat(chunks, dim=1).cpu().numpy()
@@ -124,8 +172,10 @@ def cached_logits(
     label: str,
     views: tuple[View, ...],
     compute,
+    ndim: int = 3,
 ) -> tuple[np.ndarray, bool]:
-    """Return (logits, hit). ``compute()`` runs only when no cache file for these contents exists."""
+    """Return (logits, hit). ``compute()`` runs only when no cache file for these contents exists.
+    ``ndim``: 3 for logits (V, n, C), 2 for predicted labels (V, n)."""
     if cache_dir is None:
         return compute(), False
     checkpoint, data, arch_file = key_parts
@@ -133,7 +183,7 @@ def cached_logits(
     if path.is_file():
         try:
             arr = np.load(path, allow_pickle=False)
-            if arr.ndim == 3 and arr.shape[0] == len(views):
+            if arr.ndim == ndim and arr.shape[0] == len(views):
                 return arr, True
         except (OSError, ValueError):
             pass  # unreadable cache entry: recompute and overwrite

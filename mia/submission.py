@@ -74,6 +74,7 @@ def build_result_json(result) -> dict:
             "n_test": len(data.test),
             "has_answers": data.answers is not None,
             "views": data.view_names,
+            "label_noise_queries": len(data.noise_levels),  # noisy queries per record for the label-only task
             "reference_models": data.n_reference_models,
         }
     tasks: dict[str, dict] = {}

@@ -92,17 +92,42 @@ def test_label_only_features_by_hand():
     predicted = np.array([[0, 1, 0, 3], [0, 0, 0, 3], [1, 1, 2, 3]], dtype=np.int64)
     labels = np.array([0, 1, 2, 3])
     feats = label_only_features(predicted, labels)
-    assert list(feats) == ["correctness", "aug_correct_count", "view1_correct", "view2_correct"]
+    assert list(feats) == ["correctness", "aug_correct_count"]
     np.testing.assert_array_equal(feats["correctness"], [1.0, 1.0, 0.0, 1.0])
     np.testing.assert_array_equal(feats["aug_correct_count"], [2.0, 2.0, 1.0, 3.0])
-    np.testing.assert_array_equal(feats["view1_correct"], [1.0, 0.0, 0.0, 1.0])
-    np.testing.assert_array_equal(feats["view2_correct"], [0.0, 1.0, 1.0, 1.0])
     assert all(v.dtype == np.float64 for v in feats.values())
     # one view: correctness only; any integer dtype is accepted
     single = label_only_features(predicted[:1].astype(np.int32), labels)
     assert list(single) == ["correctness"]
     with pytest.raises(ValueError):
         label_only_features(predicted, labels[:3])
+
+
+def test_noise_features_by_hand():
+    labels = np.array([0, 1, 2, 3])
+    predicted = labels[None, :].copy()
+    # four noisy queries: two at level 0.1, two at level 0.2
+    noisy = np.array([[0, 1, 2, 0],
+                      [0, 0, 2, 0],
+                      [1, 1, 2, 0],
+                      [1, 0, 2, 0]], dtype=np.int16)
+    feats = label_only_features(predicted, labels, noisy, [0.1, 0.1, 0.2, 0.2])
+    assert list(feats) == ["correctness", "noise_correct", "sigma0.1_correct", "sigma0.2_correct"]
+    np.testing.assert_array_equal(feats["noise_correct"], [0.5, 0.5, 1.0, 0.0])
+    np.testing.assert_array_equal(feats["sigma0.1_correct"], [1.0, 0.5, 1.0, 0.0])
+    np.testing.assert_array_equal(feats["sigma0.2_correct"], [0.0, 0.5, 1.0, 0.0])
+    # one level: the pooled fraction only
+    one = label_only_features(predicted, labels, noisy[:2], [0.1, 0.1])
+    assert list(one) == ["correctness", "noise_correct"]
+    np.testing.assert_array_equal(one["noise_correct"], [1.0, 0.5, 1.0, 0.0])
+    with pytest.raises(ValueError, match="noise_levels"):
+        label_only_features(predicted, labels, noisy, [0.1])
+    with pytest.raises(ValueError, match="noise_levels"):
+        label_only_features(predicted, labels, noisy)
+    with pytest.raises(ValueError):
+        label_only_features(predicted, labels, noisy[:, :3], [0.1] * 4)
+    with pytest.raises(TypeError, match="integer predicted labels"):
+        label_only_features(predicted, labels, noisy.astype(np.float32), [0.1] * 4)
 
 
 @pytest.mark.parametrize(
@@ -280,11 +305,20 @@ def test_candidate_names_and_lists():
     with_views = attacks.strong_posterior_candidates(names + ["view1_lsc", "view2_lsc"])
     assert [c.name for c in with_views] == strong
     assert with_views[-1].features == ("confidence", "aug_mean_lsc", "view1_lsc", "view2_lsc")
-    label = [c.name for c in attacks.strong_label_only_candidates(["correctness", "aug_correct_count"])]
-    assert label == ["correctness", "aug_correct_count", "correctness@class", "aug_correct_count@class"]
-    label = [c.name for c in attacks.strong_label_only_candidates(["correctness", "aug_correct_count",
-                                                                    "view1_correct"])]
-    assert label[-2:] == ["logreg", "logreg_class"]
+    label = attacks.strong_label_only_candidates(["correctness", "aug_correct_count"])
+    assert [c.name for c in label] == ["correctness", "aug_correct_count", "correctness@class",
+                                       "aug_correct_count@class", "logreg", "logreg_class"]
+    assert label[-1].features == ("correctness", "aug_correct_count")
+    assert [c.name for c in attacks.strong_label_only_candidates(["correctness"])] == ["correctness", "correctness@class"]
+    # noisy queries: the pooled fraction is thresholded, the per-level fractions feed the learned ones,
+    # which then leave out the image's own correctness
+    names = ["correctness", "aug_correct_count", "noise_correct", "sigma0.1_correct", "sigma0.2_correct", "label_lira"]
+    label = attacks.strong_label_only_candidates(names)
+    assert [c.name for c in label][:4] == ["correctness", "aug_correct_count", "noise_correct", "label_lira"]
+    assert [c.name for c in label][-2:] == ["logreg", "logreg_class"]
+    assert label[-1].features == ("aug_correct_count", "label_lira", "sigma0.1_correct", "sigma0.2_correct")
+    pooled = attacks.strong_label_only_candidates(["correctness", "noise_correct"])
+    assert [c.name for c in pooled] == ["correctness", "noise_correct", "correctness@class", "noise_correct@class"]
     with pytest.raises(ValueError):
         select(attacks.SEED_POSTERIOR, {}, np.zeros(2, np.int64), np.zeros(2), {}, np.zeros(2, np.int64),
                selection="best")

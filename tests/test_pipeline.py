@@ -17,7 +17,7 @@ from mia.cli import main
 from mia.config import RunConfig
 from mia.data import load_records
 from mia.errors import MIAError, SubmissionError
-from mia.pipeline import attack_victim, run
+from mia.pipeline import attack_victim, label_noise_queries, run
 from mia.scoring import IDENTITY, compute_logits
 from mia.submission import build_result_json, check_submission, write_run
 
@@ -242,9 +242,9 @@ def test_label_task_sees_only_integer_labels(two_runs, monkeypatch):
     seen = []
     real = attacks.label_only_features
 
-    def recording(predicted, labels):
-        seen.append((np.asarray(predicted).dtype, np.asarray(predicted).shape))
-        return real(predicted, labels)
+    def recording(predicted, labels, noise_predicted=None, noise_levels=None):
+        seen.append((np.asarray(predicted), np.asarray(noise_predicted)))
+        return real(predicted, labels, noise_predicted, noise_levels)
 
     def no_posteriors(*_args, **_kwargs):
         raise AssertionError("a label-only task computed posterior features")
@@ -253,12 +253,43 @@ def test_label_task_sees_only_integer_labels(two_runs, monkeypatch):
     monkeypatch.setattr(attacks, "posterior_features", no_posteriors)
     (outcome,) = attack_victim(data, RunConfig.with_tasks({3: "label"}))
     assert len(seen) == 2  # eval and test
-    for dtype, shape in seen:
-        assert np.issubdtype(dtype, np.integer)
-        assert len(shape) == 2 and shape[0] == len(data.view_names)
-    assert set(outcome.eval_features) == {"correctness", "aug_correct_count"} | {
-        f"view{v}_correct" for v in range(1, len(data.view_names))}
+    queries = 2 * RunConfig().label_noise_draws * len(RunConfig().label_noise)
+    for predicted, noisy in seen:
+        assert np.issubdtype(predicted.dtype, np.integer) and np.issubdtype(noisy.dtype, np.integer)
+        assert predicted.ndim == 2 and predicted.shape[0] == len(data.view_names)
+        assert noisy.shape == (queries, predicted.shape[1])
+    assert set(outcome.eval_features) == {"correctness", "aug_correct_count", "noise_correct", "sigma0.1_correct",
+                                          "sigma0.15_correct"}
     assert outcome.used.chosen in {c.name for c in attacks.strong_label_only_candidates(list(outcome.eval_features))}
+
+
+def test_noisy_queries_match_a_fresh_forward_pass(two_runs):
+    bundle = two_runs.first.bundle
+    data = two_runs.first.victims["mobilenetv2_fashionmnist"]
+    config = RunConfig()
+    queries, levels = label_noise_queries(data.eval.images, config)
+    assert levels == data.noise_levels and len(queries) == data.test_noise_labels.shape[0]
+    scale = float(np.std(data.eval.images, dtype=np.float64))
+    assert [v.noise for v in queries[:: 2 * config.label_noise_draws]] == pytest.approx(
+        [s * scale for s in config.label_noise], rel=1e-3)
+    assert data.noise_levels == [s for s in config.label_noise for _ in range(2 * config.label_noise_draws)]
+    model, _ = load_victim_model(data.victim.arch, data.victim.checkpoint, bundle.arch_dirs)
+    logits = compute_logits(model, data.test.images, queries, device="cpu", batch_size=5)
+    agree = (logits.argmax(-1) == data.test_noise_labels).mean()
+    assert agree > 0.999  # another batch size: float rounding may flip a near-tie, rarely
+    # the second run read them from the cache
+    np.testing.assert_array_equal(two_runs.second.victims[data.victim.name].test_noise_labels, data.test_noise_labels)
+
+
+def test_noisy_queries_only_for_label_tasks(two_runs):
+    config = RunConfig.with_tasks({1: "posterior"}, plots=False, victims=("vgg16_fashionmnist",))
+    result = run(two_runs.root, config, progress=False, log=_quiet)
+    data = result.victims["vgg16_fashionmnist"]
+    assert data.eval_noise_labels is None and data.noise_levels == []
+    config = RunConfig.with_tasks({3: "label"}, plots=False, victims=("vgg16_fashionmnist",), label_noise=())
+    result = run(two_runs.root, config, progress=False, log=_quiet)
+    (outcome,) = result.outcomes
+    assert "noise_correct" not in outcome.eval_features and result.victims["vgg16_fashionmnist"].test_noise_labels is None
 
 
 def test_task_access_can_be_changed(two_runs):
@@ -284,6 +315,11 @@ def test_run_config_validation():
         RunConfig(folds=1)
     with pytest.raises(ValueError, match="reference_views"):
         RunConfig(reference_views="all")
+    with pytest.raises(ValueError, match="label_noise"):
+        RunConfig(label_noise=(0.1, 0.0))
+    with pytest.raises(ValueError, match="label_noise_draws"):
+        RunConfig(label_noise_draws=0)
+    assert RunConfig(label_noise=[0.2]).to_dict()["label_noise"] == [0.2]
 
 
 # ---------------------------------------------------------------------------------------------
