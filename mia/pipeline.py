@@ -40,6 +40,7 @@ class VictimData:
     reference_label: dict[str, dict[str, np.ndarray]] | None = None  # label-only reference features per split
     n_reference_models: int = 0
     noise_levels: list[float] = field(default_factory=list)  # noise level (config.label_noise units) of each noisy query
+    noise_view_names: list[str] = field(default_factory=list)  # View.name of each noisy query
     eval_noise_labels: np.ndarray | None = None  # (Q, n_eval) int64 predicted labels of the noisy queries
     test_noise_labels: np.ndarray | None = None  # (Q, n_test)
 
@@ -140,9 +141,10 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
                 return compute_logits(model, recs.images, queries, device=config.device, batch_size=config.batch_size,
                                       progress=f"{victim.name} {split} noisy queries" if progress else False,
                                       labels_only=True)
-            noisy[split], hit = cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file),
-                                              f"{victim.name}-{split}-noisy", queries, compute_labels, ndim=2)
+            noisy[split], _ = cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file),
+                                            f"{victim.name}-{split}-noisy", queries, compute_labels, ndim=2)
         data.noise_levels, data.eval_noise_labels, data.test_noise_labels = levels, noisy["eval"], noisy["test"]
+        data.noise_view_names = [v.name for v in queries]
     if config.references:
         from mia.reference_attacks import victim_reference_features
 
@@ -151,7 +153,10 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         idx = [i for i, name in enumerate(data.view_names) if name in allowed]
         ref = victim_reference_features(bundle.root, victim, data.eval_logits[idx], data.test_logits[idx],
                                         eval_recs.labels, test_recs.labels, [data.view_names[i] for i in idx],
-                                        device=config.device, batch_size=config.batch_size, progress=progress)
+                                        device=config.device, batch_size=config.batch_size, progress=progress,
+                                        **({"noise_predicted": (data.eval_noise_labels, data.test_noise_labels),
+                                            "noise_view_names": data.noise_view_names}
+                                           if data.eval_noise_labels is not None else {}))
         if ref is not None:  # the label-only features come from the victim's predicted labels only
             data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k
     data.seconds = time.perf_counter() - t0

@@ -42,7 +42,9 @@ average IN - OUT difference of the records that have both.
 Label-only (task 3): ``calibrated_aug_count`` = the victim's number of views still classified
 correctly minus the mean of that number over the record's OUT references; ``label_lira`` = the
 log-likelihood ratio of the victim's per-view correctness under the record's IN and OUT references'
-correctness rates (LiRA's online test with Bernoulli instead of Gaussian statistics). The victim enters only
+correctness rates (LiRA's online test with Bernoulli instead of Gaussian statistics). When the run
+makes noisy label-only queries the references answer them too: ``noise_lira`` and
+``calibrated_noise_correct`` are the same two statistics over those queries. The victim enters only
 through integer predicted labels (the caller passes argmax arrays); the reference models are the
 attacker's own, so their predictions are free to use.
 """
@@ -90,6 +92,8 @@ FEATURES = {
 LABEL_ONLY_FEATURES = {
     "calibrated_aug_count": "views classified correctly by the victim minus the mean over the record's OUT references",
     "label_lira": "log-likelihood ratio of the victim's per-view correctness under IN vs OUT reference correctness rates",
+    "noise_lira": "label_lira over the noisy label-only queries",
+    "calibrated_noise_correct": "fraction of noisy queries correct for the victim minus the mean over the OUT references",
 }
 
 
@@ -364,16 +368,23 @@ def _split(values: dict[str, np.ndarray], n_eval: int) -> dict[str, dict[str, np
 
 
 def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view_names: list[str], *, min_models: int,
-                     references_root, device: str, batch_size: int, progress: bool):
+                     references_root, device: str, batch_size: int, progress: bool,
+                     noise_view_names: list[str] | None = None):
     """(reference logits (K, V, n, C) on the victim's eval + test records, in_mask (K, n)), or None
-    when the victim has no usable reference set. Reads (or computes) each model's logits once."""
+    when the victim has no usable reference set. Reads (or computes) each model's logits once.
+    With ``noise_view_names`` also returns (third) the references' predicted labels (K, Q, n) under
+    those noisy queries."""
     ref_set = _usable_set(bundle_root, victim, n_eval, n_test, min_models, references_root)
     if ref_set is None:
         return None
     n = n_eval + n_test
     ref_logits = reference_logits(ref_set, views_from_names(view_names), device=device, batch_size=batch_size,
                                   progress=progress)[:, :, :n]
-    return ref_logits, ref_set.complete_masks()[:, :n]
+    if noise_view_names is None:
+        return ref_logits, ref_set.complete_masks()[:, :n]
+    ref_noisy = reference_logits(ref_set, views_from_names(noise_view_names), device=device, batch_size=batch_size,
+                                 progress=progress, labels_only=True)[:, :, :n]
+    return ref_logits, ref_set.complete_masks()[:, :n], ref_noisy
 
 
 def _posterior_values(target: np.ndarray, ref_logits: np.ndarray, masks: np.ndarray, labels: np.ndarray, *,
@@ -479,7 +490,8 @@ class ReferenceFeatures:
 
     k: int  # complete reference models used
     posterior: dict[str, dict[str, np.ndarray]]  # split -> lira_online, lira_offline, rmia
-    label_only: dict[str, dict[str, np.ndarray]]  # split -> calibrated_aug_count, label_lira
+    label_only: dict[str, dict[str, np.ndarray]]  # split -> calibrated_aug_count, label_lira (+ noise_lira,
+    #   calibrated_noise_correct with noisy queries)
 
 
 def victim_reference_features(
@@ -498,19 +510,39 @@ def victim_reference_features(
     references_root: str | Path | None = None,
     batch_size: int = 256,
     progress: bool = False,
+    noise_predicted: tuple[np.ndarray, np.ndarray] | None = None,
+    noise_view_names: list[str] | None = None,
 ) -> ReferenceFeatures | None:
     """``reference_features`` and ``reference_label_only_features`` at once, the reference set and its
     logits loaded once. The label-only features see only the victim's predicted labels (the argmax
-    of its logits), as ``reference_label_only_features`` would be given them. None without references."""
+    of its logits), as ``reference_label_only_features`` would be given them. None without references.
+
+    noise_predicted: the victim's integer predicted labels (eval (Q, n_eval), test (Q, n_test)) under
+    the Q noisy queries named by ``noise_view_names``: the references answer the same queries (labels
+    only) and the label-only features gain ``noise_lira`` (``label_lira`` over the noisy queries: how
+    much likelier the victim's answers are under the record's IN models than its OUT models) and
+    ``calibrated_noise_correct`` (the victim's fraction of correct noisy answers minus the mean
+    fraction of the record's OUT models)."""
     eval_labels, test_labels = np.asarray(eval_labels), np.asarray(test_labels)
     n_eval, n_test = len(eval_labels), len(test_labels)
+    if (noise_predicted is None) != (noise_view_names is None):
+        raise ValueError("noise_predicted and noise_view_names come together")
     loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=min_models,
-                              references_root=references_root, device=device, batch_size=batch_size, progress=progress)
+                              references_root=references_root, device=device, batch_size=batch_size, progress=progress,
+                              noise_view_names=noise_view_names)
     if loaded is None:
         return None
+    ref_logits, masks = loaded[:2]
     labels = np.concatenate([eval_labels, test_labels])
     target = _victim_logits(eval_logits, test_logits, len(view_names), n_eval + n_test)
-    posterior = _posterior_values(target, *loaded, labels, rmia_a=rmia_a, global_variance=global_variance)
-    label_only = _label_only_values(target.argmax(axis=-1), *loaded, labels)
+    posterior = _posterior_values(target, ref_logits, masks, labels, rmia_a=rmia_a, global_variance=global_variance)
+    label_only = _label_only_values(target.argmax(axis=-1), ref_logits, masks, labels)
+    if noise_view_names is not None:
+        victim_noisy = np.concatenate([_integer_labels(noise_predicted[0], "noise_predicted"),
+                                       _integer_labels(noise_predicted[1], "noise_predicted")], axis=1)
+        ref_noisy = loaded[2]
+        label_only["noise_lira"] = label_lira(victim_noisy, ref_noisy, labels, masks)
+        label_only["calibrated_noise_correct"] = (calibrated_aug_count(victim_noisy, ref_noisy, labels, masks)
+                                                  / len(noise_view_names))
     return ReferenceFeatures(k=loaded[0].shape[0], posterior=_split(posterior, n_eval),
                              label_only=_split(label_only, n_eval))

@@ -69,7 +69,8 @@ def comparison_table(result) -> str:
     return _markdown(["task", "victim", "attack (seed -> ours)"] + [f"test {n} %" for _, n in keys], out)
 
 
-REFERENCE_ATTACKS = ("lira_online", "lira_offline", "rmia", "calibrated_aug_count", "label_lira")
+REFERENCE_ATTACKS = ("lira_online", "lira_offline", "rmia", "calibrated_aug_count", "label_lira", "calibrated_noise_correct",
+                     "noise_lira")
 
 
 def reference_table(result) -> str | None:

@@ -23,8 +23,8 @@ from mia.reference_attacks import (
     rmia_scores,
     victim_reference_features,
 )
-from mia.references import ReferenceRecipe, train_references
-from mia.scoring import FLIP, IDENTITY, compute_logits
+from mia.references import ReferenceRecipe, load_reference_set, reference_logits, train_references
+from mia.scoring import FLIP, IDENTITY, compute_logits, noise_views
 
 
 # Two records, four reference models, one view. Model k trains on record i where MASK[k, i].
@@ -242,6 +242,36 @@ def test_reference_features_end_to_end(bundle, tmp_path):
             np.testing.assert_array_equal(both.label_only[split][name], values)
     assert victim_reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
                                      min_models=5, **kwargs) is None
+    # noisy label-only queries: the references answer the same queries (labels only)
+    model, _ = load_victim_model(victim.arch, victim.checkpoint, bundle.arch_dirs)
+    queries = noise_views((0.5, 1.0), 2)
+    ev_images = load_records(victim.eval_path, with_membership=True).images
+    te_images = load_records(victim.test_path, with_membership=False).images
+    noisy = (compute_logits(model, ev_images, queries, device="cpu", labels_only=True),
+             compute_logits(model, te_images, queries, device="cpu", labels_only=True))
+    with_noise = victim_reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
+                                           noise_predicted=noisy, noise_view_names=[q.name for q in queries], **kwargs)
+    ref_set = load_reference_set(bundle.root, victim, references_root=tmp_path)
+    ref_noisy = reference_logits(ref_set, queries, device="cpu", labels_only=True)
+    assert ref_noisy.shape == (4, 8, 64) and ref_noisy.dtype == np.int64
+    labels = np.concatenate([ev_labels, te_labels])
+    victim_noisy = np.concatenate(noisy, axis=1)
+    masks = ref_set.complete_masks()[:, :64]
+    expected_lira = label_lira(victim_noisy, ref_noisy, labels, masks)
+    expected_cal = calibrated_aug_count(victim_noisy, ref_noisy, labels, masks) / 8
+    for split, sl in (("eval", slice(0, 32)), ("test", slice(32, 64))):
+        np.testing.assert_array_equal(with_noise.label_only[split]["noise_lira"], expected_lira[sl])
+        np.testing.assert_array_equal(with_noise.label_only[split]["calibrated_noise_correct"], expected_cal[sl])
+        assert np.abs(with_noise.label_only[split]["calibrated_noise_correct"]).max() <= 1
+        for name, values in label_only[split].items():  # the other features do not change
+            np.testing.assert_array_equal(with_noise.label_only[split][name], values)
+    with pytest.raises(ValueError, match="together"):
+        victim_reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
+                                  noise_predicted=noisy, **kwargs)
+    with pytest.raises(TypeError):
+        victim_reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
+                                  noise_predicted=(noisy[0].astype(float), noisy[1]),
+                                  noise_view_names=[q.name for q in queries], **kwargs)
 
 
 def test_run_uses_references_for_every_task(tiny_bundle, copy_bundle, tmp_path):
@@ -254,11 +284,13 @@ def test_run_uses_references_for_every_task(tiny_bundle, copy_bundle, tmp_path):
     train_references(root, victim, ReferenceRecipe(k=2, epochs=1, batch_size=16, device="cpu"), progress=False)
     config = RunConfig(plots=False, victims=("vgg16_fashionmnist",))  # 10 views; references see image + flip
     result = run(root, config, progress=False, log=lambda *a: None)
-    cached = sorted((root / "references" / "vgg16_fashionmnist" / "logits").glob("*.npy"))
-    assert len(cached) == 2 and all(np.load(p).shape[:2] == (2, 64) for p in cached)
+    cached = [np.load(p) for p in sorted((root / "references" / "vgg16_fashionmnist" / "logits").glob("*.npy"))]
+    queries = 2 * config.label_noise_draws * len(config.label_noise)
+    assert sorted(a.shape[:2] for a in cached) == [(2, 64)] * 2 + [(queries, 64)] * 2  # views; noisy queries
     names = {o.task.access: {c.name for c in o.used.candidates} for o in result.outcomes}
     assert {"lira_online", "lira_offline", "rmia", "rmia@class"} <= names["posterior"]
-    assert {"calibrated_aug_count", "calibrated_aug_count@class", "label_lira", "label_lira@class"} <= names["label"]
+    assert {"calibrated_aug_count", "calibrated_aug_count@class", "label_lira", "label_lira@class", "noise_lira",
+            "calibrated_noise_correct"} <= names["label"]
     label = next(o for o in result.outcomes if o.task.access == "label")
     assert "calibrated_aug_count" in next(c for c in label.used.fitted_all.values()
                                           if c.candidate.name == "logreg").candidate.features

@@ -24,7 +24,7 @@ from mia.references import (
     train_references,
     views_from_names,
 )
-from mia.scoring import FLIP, IDENTITY, STANDARD_VIEWS
+from mia.scoring import FLIP, IDENTITY, STANDARD_VIEWS, View, noise_views
 from mia.training import augment_batch
 
 RECIPE = ReferenceRecipe(k=4, epochs=1, batch_size=16, device="cpu")
@@ -231,7 +231,10 @@ def test_pool_with_population_folder(bundle, tmp_path):
 
 def test_views_from_names_round_trip():
     assert views_from_names([v.name for v in STANDARD_VIEWS]) == STANDARD_VIEWS
-    for bad in ("identity", "id:dx1", "flip:dx+1dy+x", "id:dx+0dy+0"):
+    noisy = noise_views((0.125, 0.3), 2) + (View(flip=True, dx=-1, dy=2, noise=0.5, draw=9),)
+    assert views_from_names([v.name for v in noisy]) == noisy
+    for bad in ("identity", "id:dx1", "flip:dx+1dy+x", "id:dx+0dy+0", "id:noise0.1", "id:noise#1", "id:noisex#1",
+                "id:noise0.1#1:dx+1dy+0", "id:noise0#0", "id:noise0.1#-1", "id:dx+1dy+0:noise0.1#1:x"):
         with pytest.raises(ValueError):
             views_from_names([bad])
 
