@@ -64,6 +64,13 @@ def _parse_noise_levels(text: str) -> tuple[float, ...]:
 
 
 def _config_from_args(args) -> RunConfig:
+    try:
+        return _run_config(args)
+    except ValueError as e:  # a value RunConfig refuses (--folds 1, --label-noise-draws 0, ...)
+        raise MIAError(f"invalid option: {e}") from e
+
+
+def _run_config(args) -> RunConfig:
     return RunConfig(
         tasks=_parse_task_access(args.task),
         method=args.method,

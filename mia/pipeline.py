@@ -154,9 +154,9 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         ref = victim_reference_features(bundle.root, victim, data.eval_logits[idx], data.test_logits[idx],
                                         eval_recs.labels, test_recs.labels, [data.view_names[i] for i in idx],
                                         device=config.device, batch_size=config.batch_size, progress=progress,
-                                        **({"noise_predicted": (data.eval_noise_labels, data.test_noise_labels),
-                                            "noise_view_names": data.noise_view_names}
-                                           if data.eval_noise_labels is not None else {}))
+                                        noise_predicted=(data.eval_noise_labels, data.test_noise_labels)
+                                        if data.noise_view_names else None,
+                                        noise_view_names=data.noise_view_names or None)
         if ref is not None:  # the label-only features come from the victim's predicted labels only
             data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k
     data.seconds = time.perf_counter() - t0

@@ -527,6 +527,12 @@ def victim_reference_features(
     n_eval, n_test = len(eval_labels), len(test_labels)
     if (noise_predicted is None) != (noise_view_names is None):
         raise ValueError("noise_predicted and noise_view_names come together")
+    if noise_predicted is not None:  # checked before the references answer the queries (minutes on a CPU)
+        victim_noisy = np.concatenate([_integer_labels(noise_predicted[0], "noise_predicted"),
+                                       _integer_labels(noise_predicted[1], "noise_predicted")], axis=1)
+        if victim_noisy.shape != (len(noise_view_names), n_eval + n_test):
+            raise ValueError(f"noise_predicted must be (Q={len(noise_view_names)}, n_eval) and (Q, n_test), got "
+                             f"{[np.shape(a) for a in noise_predicted]}")
     loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=min_models,
                               references_root=references_root, device=device, batch_size=batch_size, progress=progress,
                               noise_view_names=noise_view_names)
@@ -538,8 +544,6 @@ def victim_reference_features(
     posterior = _posterior_values(target, ref_logits, masks, labels, rmia_a=rmia_a, global_variance=global_variance)
     label_only = _label_only_values(target.argmax(axis=-1), ref_logits, masks, labels)
     if noise_view_names is not None:
-        victim_noisy = np.concatenate([_integer_labels(noise_predicted[0], "noise_predicted"),
-                                       _integer_labels(noise_predicted[1], "noise_predicted")], axis=1)
         ref_noisy = loaded[2]
         label_only["noise_lira"] = label_lira(victim_noisy, ref_noisy, labels, masks)
         label_only["calibrated_noise_correct"] = (calibrated_aug_count(victim_noisy, ref_noisy, labels, masks)

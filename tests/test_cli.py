@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mia.cli import main
+from mia.cli import _config_from_args, build_parser, main
+from mia.config import RunConfig
 from mia.submission import check_submission
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +113,26 @@ def test_bad_task_option_is_an_error(tmp_path, capsys):
     assert main(["run", "--bundle", str(tmp_path), "--task", "3=probabilities"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --task expects K=ACCESS")
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--folds", "1"], "error: invalid option: folds must be at least 2"),
+    (["--label-noise-draws", "0"], "error: invalid option: label_noise_draws must be at least 1"),
+    (["--label-noise", "0.1,x"], "error: --label-noise expects comma-separated positive numbers"),
+    (["--label-noise", "0.1,-1"], "error: --label-noise levels must be positive"),
+])
+def test_bad_run_options_are_one_line_errors(tmp_path, capsys, option, message):
+    assert main(["run", "--bundle", str(tmp_path), *option]) == 2
+    assert capsys.readouterr().err.startswith(message)
+
+
+def test_label_noise_option_parsing():
+    args = build_parser().parse_args(["run", "--label-noise", "none"])
+    assert _config_from_args(args).label_noise == ()
+    args = build_parser().parse_args(["run", "--label-noise", "0.2,0.3", "--label-noise-draws", "3"])
+    config = _config_from_args(args)
+    assert config.label_noise == (0.2, 0.3) and config.label_noise_draws == 3
+    assert _config_from_args(build_parser().parse_args(["run"])).label_noise == RunConfig().label_noise
 
 
 def test_demo_builds_then_reuses(tmp_path, capsys):
