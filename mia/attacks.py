@@ -58,13 +58,18 @@ def is_view_input(name: str) -> bool:
     return name.startswith(("view", "sigma"))
 
 
+def integer_labels(array, what: str) -> np.ndarray:
+    """``array`` as an integer array; TypeError for anything else: probabilities or logits must never
+    reach a label-only attack (the one check behind every label-only entry point)."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{what} must be integer predicted labels, got dtype {array.dtype}: probabilities or logits "
+                        "must not reach a label-only attack")
+    return array
+
+
 def _integer_predictions(predicted, n: int, what: str) -> np.ndarray:
-    predicted = np.asarray(predicted)
-    if not np.issubdtype(predicted.dtype, np.integer):
-        raise TypeError(
-            f"label-only features take integer predicted labels, got dtype {predicted.dtype} for {what}: "
-            "probabilities or logits must not reach a label-only attack"
-        )
+    predicted = integer_labels(predicted, what)
     if predicted.ndim != 2 or predicted.shape[1] != n:
         raise ValueError(f"{what} must be (V, n={n}) predicted labels, got {predicted.shape}")
     return predicted
@@ -293,9 +298,10 @@ def strong_label_only_candidates(feature_names: list[str]) -> tuple[Candidate, .
     fewer inputs to overfit.)"""
     base = [n for n in LABEL_ONLY_SIGNALS if n in feature_names]
     out = [Candidate("global", n) for n in base] + [Candidate("class", n) for n in base]
+    learned = [n for n in base if n != "correctness"] if "noise_correct" in base else list(base)  # subsumed
     levels = [n for n in feature_names if n.startswith("sigma")]
-    pooled = ("noise_correct", "correctness") if levels else ("correctness",) if "noise_correct" in base else ()
-    learned = [n for n in base if n not in pooled] + levels  # the noisy queries subsume the image's correctness
+    if levels:  # the per-level fractions instead of their mean
+        learned = [n for n in learned if n != "noise_correct"] + levels
     if len(learned) > 1:
         out.append(Candidate("logreg", features=tuple(learned)))
         out.append(Candidate("logreg_class", features=tuple(learned)))

@@ -115,18 +115,25 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
     answers = load_answers(victim, len(test_recs))
     views = VIEW_SETS[config.views]
     cache_dir = bundle.root / ".cache" / "logits" if config.cache else None
-    hits = 0
-    out = {}
-    for split, recs in (("eval", eval_recs), ("test", test_recs)):
-        def compute(recs=recs, split=split):
+
+    def scores(split: str, recs: Records, queries, suffix: str = "", labels_only: bool = False):
+        """(logits (V, n, C), or labels (V, n) with labels_only; cache hit) of the model on these records."""
+        def compute():
             try:
-                return compute_logits(model, recs.images, views, device=config.device, batch_size=config.batch_size,
-                                      progress=f"{victim.name} {split}" if progress else False)
+                return compute_logits(model, recs.images, queries, device=config.device, batch_size=config.batch_size,
+                                      progress=f"{victim.name} {split}{suffix}" if progress else False,
+                                      labels_only=labels_only)
             except RuntimeError as e:  # shape errors from the model itself
                 raise MIAError(f"{victim.name}: the model failed on {split} images of shape "
                                f"{recs.images.shape[1:]}: {e}") from e
-        logits, hit = cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file),
-                                    f"{victim.name}-{split}", views, compute)
+        return cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file),
+                             f"{victim.name}-{split}{suffix.replace(' ', '-')}", queries, compute,
+                             ndim=2 if labels_only else 3)
+
+    hits = 0
+    out = {}
+    for split, recs in (("eval", eval_recs), ("test", test_recs)):
+        logits, hit = scores(split, recs, views)
         hits += hit
         if logits.shape[-1] != info.num_classes:
             raise MIAError(f"{victim.name}: model outputs {logits.shape[-1]} classes, weights say {info.num_classes}")
@@ -134,17 +141,10 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
     data = VictimData(victim, info, eval_recs, test_recs, answers, [v.name for v in views], out["eval"], out["test"],
                       hits, 0.0)
     if config.label_noise and any(t.access == "label" for t in config.tasks):
-        queries, levels = label_noise_queries(eval_recs.images, config)
-        noisy = {}
-        for split, recs in (("eval", eval_recs), ("test", test_recs)):
-            def compute_labels(recs=recs, split=split):
-                return compute_logits(model, recs.images, queries, device=config.device, batch_size=config.batch_size,
-                                      progress=f"{victim.name} {split} noisy queries" if progress else False,
-                                      labels_only=True)
-            noisy[split], _ = cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file),
-                                            f"{victim.name}-{split}-noisy", queries, compute_labels, ndim=2)
-        data.noise_levels, data.eval_noise_labels, data.test_noise_labels = levels, noisy["eval"], noisy["test"]
+        queries, data.noise_levels = label_noise_queries(eval_recs.images, config)
         data.noise_view_names = [v.name for v in queries]
+        data.eval_noise_labels = scores("eval", eval_recs, queries, " noisy", labels_only=True)[0]
+        data.test_noise_labels = scores("test", test_recs, queries, " noisy", labels_only=True)[0]
     if config.references:
         from mia.reference_attacks import victim_reference_features
 

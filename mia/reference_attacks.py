@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from mia import signals as sig
+from mia.attacks import integer_labels
 from mia.bundle import Victim
 from mia.errors import MIAError
 from mia.references import ReferenceSet, load_reference_set, reference_logits, views_from_names
@@ -277,18 +278,10 @@ def rmia_scores(target_log_p: np.ndarray, reference_log_p: np.ndarray, in_mask: 
 # Label-only calibration
 
 
-def _integer_labels(array: np.ndarray, what: str) -> np.ndarray:
-    array = np.asarray(array)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"{what} must be integer predicted labels, got dtype {array.dtype}: probabilities or logits "
-                        "must not reach a label-only attack")
-    return array
-
-
 def _label_only_inputs(victim_predicted, reference_predicted, labels, in_mask):
     """Validated (victim (V, n) int, references (K, V, n) int, labels (n,), in_mask (K, n) bool)."""
-    victim_predicted = _integer_labels(victim_predicted, "victim_predicted")
-    reference_predicted = _integer_labels(reference_predicted, "reference_predicted")
+    victim_predicted = integer_labels(victim_predicted, "victim_predicted")
+    reference_predicted = integer_labels(reference_predicted, "reference_predicted")
     labels = np.asarray(labels)
     in_mask = np.asarray(in_mask, dtype=bool)
     if reference_predicted.ndim != 3 or reference_predicted.shape[1:] != victim_predicted.shape:
@@ -472,8 +465,8 @@ def reference_label_only_features(
     (argmax arrays, e.g. VictimData.predicted_labels) under the views named by ``view_names``.
     Returns None without a usable reference set, else ``{'eval': {...}, 'test': {...}}``.
     """
-    eval_predicted = _integer_labels(eval_predicted, "eval_predicted")
-    test_predicted = _integer_labels(test_predicted, "test_predicted")
+    eval_predicted = integer_labels(eval_predicted, "eval_predicted")
+    test_predicted = integer_labels(test_predicted, "test_predicted")
     eval_labels, test_labels = np.asarray(eval_labels), np.asarray(test_labels)
     n_eval, n_test = len(eval_labels), len(test_labels)
     loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=min_models,
@@ -528,8 +521,8 @@ def victim_reference_features(
     if (noise_predicted is None) != (noise_view_names is None):
         raise ValueError("noise_predicted and noise_view_names come together")
     if noise_predicted is not None:  # checked before the references answer the queries (minutes on a CPU)
-        victim_noisy = np.concatenate([_integer_labels(noise_predicted[0], "noise_predicted"),
-                                       _integer_labels(noise_predicted[1], "noise_predicted")], axis=1)
+        victim_noisy = np.concatenate([integer_labels(noise_predicted[0], "noise_predicted"),
+                                       integer_labels(noise_predicted[1], "noise_predicted")], axis=1)
         if victim_noisy.shape != (len(noise_view_names), n_eval + n_test):
             raise ValueError(f"noise_predicted must be (Q={len(noise_view_names)}, n_eval) and (Q, n_test), got "
                              f"{[np.shape(a) for a in noise_predicted]}")
@@ -548,5 +541,5 @@ def victim_reference_features(
         label_only["noise_lira"] = label_lira(victim_noisy, ref_noisy, labels, masks)
         label_only["calibrated_noise_correct"] = (calibrated_aug_count(victim_noisy, ref_noisy, labels, masks)
                                                   / len(noise_view_names))
-    return ReferenceFeatures(k=loaded[0].shape[0], posterior=_split(posterior, n_eval),
+    return ReferenceFeatures(k=ref_logits.shape[0], posterior=_split(posterior, n_eval),
                              label_only=_split(label_only, n_eval))
