@@ -26,19 +26,16 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import mia
 from benchmarks import BenchResult, Check, best_ratio, fmt, interleaved, markdown_table, pair_ratio
-from mia.checkpoints import ARCHITECTURES, build_model
+from mia.models.registry import REPO_ARCHITECTURES, repo_builder
 from mia.scoring import IDENTITY, compute_logits, resolve_device
 from mia.signals import all_signals
 
-MODELS_DIR = Path(mia.__file__).resolve().parents[1] / "models"
 ARCHS = ("resnet34", "vgg16", "mobilenetv2")
 CUDA_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, bf16 dense tensor cores
 CPU_WIDTHS = {"resnet34": 16, "vgg16": 16, "mobilenetv2": 16}  # the demo bundle's victims
@@ -50,7 +47,7 @@ PROJECT_BATCH = 256
 class ScoringConfig:
     """Sizes of the scoring benchmark; None fields get device-dependent defaults (``resolved``)."""
 
-    archs: tuple[str, ...] = ARCHS  # architectures to build with mia.checkpoints.build_model
+    archs: tuple[str, ...] = ARCHS  # the repository's architectures (mia.models.registry.repo_builder)
     sizes: tuple[int, ...] = (32, 64)  # image side S: inputs (n, 3, S, S)
     n: int | None = None  # records per timed call; None: 512 on the CPU, 16384 on CUDA
     widths: dict[str, int] | None = None  # arch -> width; None: 16 (demo victims) on CPU, paper on CUDA
@@ -67,7 +64,7 @@ class ScoringConfig:
         cuda = dev.type == "cuda"
         widths = self.widths
         if widths is None:
-            widths = {a: ARCHITECTURES[a].default_width for a in self.archs} if cuda else dict(CPU_WIDTHS)
+            widths = {a: REPO_ARCHITECTURES[a].default_width for a in self.archs} if cuda else dict(CPU_WIDTHS)
         return ScoringConfig(
             archs=tuple(self.archs),
             sizes=tuple(self.sizes),
@@ -153,7 +150,7 @@ def _measure_model(arch: str, size: int, cfg: ScoringConfig, dev: torch.device) 
     width = cfg.widths[arch]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model, _ = build_model(arch, cfg.num_classes, width, [MODELS_DIR])
+        model = repo_builder(arch).build(cfg.num_classes, width)
     naive_model = copy.deepcopy(model).to(dev).eval()  # compute_logits may change its model in place
     flops = flops_per_record(model, size)
     rng = np.random.default_rng(cfg.seed)

@@ -3,30 +3,30 @@
 A bundle is a directory laid out as the Trustworthy ML Challenge 2022 shipped it::
 
     models/<arch>_<dataset>.pth              victim weights
-    models/{resnet34,vgg,mobilenetv2}.py     architecture files (optional; the repository's are the fallback)
+    models/*.py                              architecture files (optional; see mia.models.registry)
     datasets/eval/<dataset>_<arch>.p         records [image, label, membership]
     datasets/test/<dataset>_<arch>.p         records [image, label]
     answers/<dataset>_<arch>.npy             test membership (optional; the demo bundle has it)
 
-Every eval file must have its test file and its model; anything unmatched is an error (or, with
-``strict=False``, a problem listed on the Bundle) rather than a victim silently skipped.
+``arch`` is any name (``resnet34``, ``wrn28_2``): a victim is a model ``A_D.pth`` with data files
+``D_A.p``, both names may contain ``_``. Every eval file must have its test file and its model;
+anything unmatched is an error (or, with ``strict=False``, a problem listed on the Bundle) rather
+than a victim silently skipped.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mia.checkpoints import ARCHITECTURES
 from mia.errors import BundleError
-
-REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+from mia.models.registry import REPO_ARCH_DIR, candidate_files
 
 
 @dataclass(frozen=True)
 class Victim:
     """One victim model with its eval and test records."""
 
-    arch: str  # "resnet34" | "vgg16" | "mobilenetv2"
+    arch: str  # e.g. "resnet34", "vgg16", "mobilenetv2", or any name a bundle brings
     dataset: str  # e.g. "cifar10", "fashionmnist"
     checkpoint: Path  # models/<arch>_<dataset>.pth
     eval_path: Path  # datasets/eval/<dataset>_<arch>.p
@@ -45,7 +45,7 @@ class Bundle:
 
     root: Path
     victims: list[Victim]
-    arch_dirs: list[Path]  # searched in order for resnet34.py, vgg.py, mobilenetv2.py
+    arch_dirs: list[Path]  # the bundle's models/, then the repository's architecture files
     problems: list[str] = field(default_factory=list)  # unmatched files (only with strict=False)
 
     @property
@@ -56,39 +56,64 @@ class Bundle:
     def result_json(self) -> Path:
         return self.root / "result.json"
 
-    def architecture_files(self) -> dict[str, Path]:
-        """arch -> the architecture file that will be imported for it (code from the bundle runs!)."""
-        used: dict[str, Path] = {}
-        for arch in sorted({v.arch for v in self.victims}):
-            spec = ARCHITECTURES[arch]
-            for d in self.arch_dirs:
-                if (d / spec.file).is_file():
-                    used[arch] = d / spec.file
-                    break
-        return used
+    def architecture_files(self) -> dict[str, list[Path]]:
+        """arch -> the architecture files builder discovery imports for it, in order (code runs!)."""
+        return {arch: [path for _, path in candidate_files(arch, self.arch_dirs)]
+                for arch in sorted({v.arch for v in self.victims})}
 
 
-def parse_data_name(path: Path) -> tuple[str, str]:
-    """``cifar10_resnet34.p`` -> ("cifar10", "resnet34"); the arch is the last ``_`` field."""
-    stem = path.stem
-    dataset, sep, arch = stem.rpartition("_")
-    if not sep or not dataset or arch not in ARCHITECTURES:
-        raise BundleError(
-            f"{path}: file name does not parse as <dataset>_<arch>.p with arch in "
-            f"{sorted(ARCHITECTURES)}"
-        )
-    return dataset, arch
+def _splits(stem: str) -> list[tuple[str, str]]:
+    """'a_b_c' -> [('a', 'b_c'), ('a_b', 'c')]: every split at an underscore into two non-empty names."""
+    return [(stem[:i], stem[i + 1:]) for i, ch in enumerate(stem) if ch == "_" and 0 < i < len(stem) - 1]
 
 
-def parse_model_name(path: Path) -> tuple[str, str]:
-    """``resnet34_cifar10.pth`` -> ("resnet34", "cifar10"); the arch is the first ``_`` field."""
-    arch, sep, dataset = path.stem.partition("_")
-    if not sep or not dataset or arch not in ARCHITECTURES:
-        raise BundleError(
-            f"{path}: file name does not parse as <arch>_<dataset>.pth with arch in "
-            f"{sorted(ARCHITECTURES)}"
-        )
-    return arch, dataset
+def _pair_names(data_stems: set[str], model_stems: set[str], problems: list[str]
+                ) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+    """(data stem -> (dataset, arch), model stem -> (dataset, arch)) for every name that parses.
+
+    A model ``A_D`` and a data file ``D_A`` belong together, for any split of the names at an
+    underscore. Names without a partner are split at their last (data) or first (model) underscore,
+    so that the unmatched victim can be named; names without an underscore do not parse."""
+    by_data: dict[str, list[tuple[str, str, str]]] = {}
+    for m in model_stems:
+        for arch, dataset in _splits(m):
+            by_data.setdefault(f"{dataset}_{arch}", []).append((dataset, arch, m))
+    data_keys: dict[str, tuple[str, str]] = {}
+    paired_models: dict[str, tuple[str, str]] = {}
+    for stem in sorted(data_stems):
+        found = by_data.get(stem, [])
+        if len(found) > 1:
+            problems.append(f"{stem}.p matches several models ({', '.join(sorted(f'{m}.pth' for *_, m in found))}); "
+                            "rename them so that only one is <arch>_<dataset>.pth for it")
+            continue
+        if found:
+            dataset, arch, m = found[0]
+            data_keys[stem] = paired_models[m] = (dataset, arch)
+            continue
+        dataset, _, arch = stem.rpartition("_")
+        if not dataset or not arch:
+            problems.append(f"{stem}.p: file name does not parse as <dataset>_<arch>.p")
+            continue
+        data_keys[stem] = (dataset, arch)
+    for m in sorted(model_stems - set(paired_models)):
+        arch, _, dataset = m.partition("_")
+        if not dataset or not arch:
+            problems.append(f"{m}.pth: file name does not parse as <arch>_<dataset>.pth")
+            continue
+        paired_models[m] = (dataset, arch)
+    return data_keys, paired_models
+
+
+def test_file_victims(root: str | Path) -> tuple[dict[Path, tuple[str, str]], list[str]]:
+    """``datasets/test/*.p`` -> (dataset, arch), named as ``discover`` names them (paired with the
+    models in ``models/`` where there are any), and the names that do not parse. For checking a
+    submission, which needs only the test files."""
+    root = Path(root)
+    tests = {p.name[:-2]: p for p in sorted((root / "datasets" / "test").glob("*.p"))}
+    models = {p.name[:-4] for p in (root / "models").glob("*.pth")} if (root / "models").is_dir() else set()
+    problems: list[str] = []
+    keys, _ = _pair_names(set(tests), models, problems)
+    return {tests[s]: keys[s] for s in sorted(keys)}, problems
 
 
 def discover(root: str | Path, *, strict: bool = True, victims: list[str] | None = None) -> Bundle:
@@ -109,18 +134,14 @@ def discover(root: str | Path, *, strict: bool = True, victims: list[str] | None
 
     problems: list[str] = []
 
-    def parse_all(paths, parse):
-        out = {}
-        for p in sorted(paths):
-            try:
-                out[parse(p)] = p
-            except BundleError as e:
-                problems.append(str(e))
-        return out
+    def stems(folder: Path, suffix: str) -> dict[str, Path]:
+        return {p.name[:-len(suffix)]: p for p in sorted(folder.glob(f"*{suffix}"))}
 
-    evals = parse_all(eval_dir.glob("*.p"), parse_data_name)  # (dataset, arch) -> path
-    tests = parse_all(test_dir.glob("*.p"), parse_data_name)
-    models = {(d, a): p for (a, d), p in parse_all(models_dir.glob("*.pth"), parse_model_name).items()}
+    eval_files, test_files, model_files = stems(eval_dir, ".p"), stems(test_dir, ".p"), stems(models_dir, ".pth")
+    data_keys, model_keys = _pair_names(set(eval_files) | set(test_files), set(model_files), problems)
+    evals = {data_keys[s]: p for s, p in eval_files.items() if s in data_keys}  # (dataset, arch) -> path
+    tests = {data_keys[s]: p for s, p in test_files.items() if s in data_keys}
+    models = {model_keys[s]: p for s, p in model_files.items() if s in model_keys}
 
     found: list[Victim] = []
     for key in sorted(set(evals) | set(tests) | set(models)):
@@ -145,6 +166,6 @@ def discover(root: str | Path, *, strict: bool = True, victims: list[str] | None
         raise BundleError(f"{root}: " + "; ".join(problems))
     if not found:
         raise BundleError(f"{root}: no complete victim (model + eval + test) found" + (f"; {'; '.join(problems)}" if problems else ""))
-    arch_dirs = [models_dir] if models_dir.resolve() != REPO_MODELS_DIR else []
-    arch_dirs.append(REPO_MODELS_DIR)
+    arch_dirs = [models_dir] if models_dir.resolve() != REPO_ARCH_DIR else []
+    arch_dirs.append(REPO_ARCH_DIR)
     return Bundle(root=root, victims=found, arch_dirs=arch_dirs, problems=problems)

@@ -1,94 +1,35 @@
-"""Victim weights: safe loading, class count and width from the weights, key/shape checks.
+"""Checkpoints: read a victim's weights safely, write our own atomically.
 
 A checkpoint is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so
-reading it cannot run code from the file. Accepted layouts: ``{'net': state_dict, 'acc', 'epoch'}``
-(kuangliu/pytorch-cifar), ``{'state_dict': ...}``, ``{'model_state_dict': ...}``, ``{'model': ...}``
-and a bare state_dict; a ``module.`` prefix (``DataParallel``) is stripped. A whole pickled
-``nn.Module`` needs ``trust=True`` (CLI ``--trust-checkpoints``).
-
-Architecture files (``models/resnet34.py``, ``models/vgg.py``, ``models/mobilenetv2.py``) are imported
-by path; a bundle can ship its own, so ``arch_dirs`` is searched in order and the first hit wins.
+reading it cannot run code from the file. Accepted layouts: ``{'net': state_dict, 'acc', 'epoch'}``,
+``{'state_dict': ...}``, ``{'model_state_dict': ...}``, ``{'model': ...}`` and a bare state_dict; a
+``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile) prefix shared by every key is stripped. A
+whole pickled ``nn.Module`` needs ``trust=True`` (CLI ``--trust-checkpoints``). Which architecture the
+weights belong to is found by ``mia.models.registry`` from their keys and shapes, not assumed here.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import pickle
 import re
 import warnings
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from mia.atomic import atomic_write
-from mia.errors import ArchitectureError, CheckpointError
+from mia.errors import CheckpointError
 
-__all__ = [
-    "ARCHITECTURES",
-    "ArchSpec",
-    "REPO_ARCH_DIR",
-    "VictimModelInfo",
-    "build_model",
-    "import_architecture_file",
-    "infer_num_classes",
-    "infer_width",
-    "load_state_dict",
-    "load_victim_model",
-    "save_checkpoint",
-]
-
-# The repository's own architecture files; callers usually put a bundle's models/ before it.
-REPO_ARCH_DIR = Path(__file__).resolve().parent.parent / "models"
+__all__ = ["load_state_dict", "save_checkpoint"]
 
 # Keys under which a wrapper dict may hold the state_dict, in the order they are tried.
 _WRAPPER_KEYS = ("net", "state_dict", "model_state_dict", "model")
 # Prefixes added by DataParallel / DistributedDataParallel and torch.compile.
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 10  # keys listed per category in a mismatch message
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """How to find, build and size one architecture."""
-
-    arch: str  # name used in bundle file names, e.g. "resnet34"
-    file: str  # architecture file name inside an arch dir, e.g. "resnet34.py"
-    factory: str  # callable in that file that returns the nn.Module
-    factory_args: tuple[Any, ...]  # positional arguments always passed first, e.g. ("VGG16",)
-    default_width: int  # width at which the model is the paper's / kuangliu's
-    classes_key: str  # state_dict key whose shape[0] is the class count (final Linear weight)
-    width_key: str  # state_dict key whose shape[0] is the width (first conv weight)
-
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "resnet34": ArchSpec("resnet34", "resnet34.py", "ResNet34", (), 64, "linear.weight", "conv1.weight"),
-    "vgg16": ArchSpec("vgg16", "vgg.py", "VGG", ("VGG16",), 64, "classifier.weight", "features.0.weight"),
-    "mobilenetv2": ArchSpec("mobilenetv2", "mobilenetv2.py", "MobileNetV2", (), 32, "linear.weight", "conv1.weight"),
-}
-
-
-@dataclass(frozen=True)
-class VictimModelInfo:
-    """What was loaded for one victim model."""
-
-    arch: str  # key of ARCHITECTURES
-    num_classes: int  # from the final Linear's weight
-    width: int  # from the first conv's weight
-    architecture_file: Path  # the .py the model was built from
-    checkpoint_acc: float | None  # 'acc' stored in the checkpoint, if any
-    epoch: int | None  # 'epoch' stored in the checkpoint, if any
-
-
-def _spec(arch: str) -> ArchSpec:
-    try:
-        return ARCHITECTURES[arch]
-    except KeyError:
-        raise ArchitectureError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,174 +143,20 @@ def load_state_dict(path: str | Path, *, trust: bool = False) -> tuple[dict[str,
     else:
         raise CheckpointError(f"{path}: not a checkpoint: it holds a {type(obj).__name__}, "
                               "not a state_dict or a dict holding one")
-    return _strip_prefixes(dict(sd)), meta
+    sd = _strip_prefixes(dict(sd))
+    _check_storage(path, sd)
+    return sd, meta
 
 
-def _key_shape(arch: str, state_dict: dict[str, torch.Tensor], key: str, what: str, ndim: int) -> int:
-    tensor = state_dict.get(key)
-    if tensor is None or tensor.dim() != ndim:
-        got = "missing" if tensor is None else f"of shape {tuple(tensor.shape)}"
-        raise CheckpointError(f"cannot read the {what} of a {arch} checkpoint: key {key!r} is {got} "
-                              f"(expected a {ndim}-d tensor); is this really a {arch} checkpoint?")
-    return int(tensor.shape[0])
-
-
-def infer_num_classes(arch: str, state_dict: dict[str, torch.Tensor]) -> int:
-    """Class count = rows of the final Linear weight (``linear.weight`` / ``classifier.weight``)."""
-    spec = _spec(arch)
-    return _key_shape(arch, state_dict, spec.classes_key, "class count", 2)
-
-
-def infer_width(arch: str, state_dict: dict[str, torch.Tensor]) -> int:
-    """Width = output channels of the first conv (``conv1.weight`` / ``features.0.weight``)."""
-    spec = _spec(arch)
-    return _key_shape(arch, state_dict, spec.width_key, "width", 4)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building models from architecture files
-
-_import_counter = itertools.count()
-
-
-def import_architecture_file(path: str | Path) -> ModuleType:
-    """Import a .py file by path under a fresh, unique module name (never cached or shared)."""
-    path = Path(path).resolve()
-    name = f"_mia_arch_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}_{next(_import_counter)}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ArchitectureError(f"{path}: cannot be imported as a Python file")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except FileNotFoundError:
-        raise ArchitectureError(f"{path}: architecture file not found") from None
-    except Exception as e:  # any error in someone else's file
-        raise ArchitectureError(f"{path}: importing it failed: {type(e).__name__}: {e}") from e
-    return module
-
-
-def _built_size(spec: ArchSpec, model: nn.Module) -> tuple[int | None, int | None]:
-    """(class count, width) of a built model, None where its keys do not say."""
-    sd = model.state_dict()
-    classes = sd.get(spec.classes_key)
-    width = sd.get(spec.width_key)
-    return (int(classes.shape[0]) if classes is not None and classes.dim() == 2 else None,
-            int(width.shape[0]) if width is not None and width.dim() == 4 else None)
-
-
-def build_model(arch: str, num_classes: int, width: int, arch_dirs: list[Path]) -> tuple[nn.Module, Path]:
-    """Build ``arch`` from the first of ``arch_dirs`` that holds its file; returns (model, file used).
-
-    Factory calls tried in order: ``(*args, num_classes=, width=)``, ``(*args, num_classes=)``,
-    ``(*args, num_classes)``, ``(*args)`` where args is e.g. ``('VGG16',)``. The first call that
-    returns an nn.Module whose class count and width (read from its weights) match is used;
-    otherwise ArchitectureError lists every call tried and what went wrong.
-    """
-    spec = _spec(arch)
-    dirs = [Path(d) for d in arch_dirs]
-    file = next((d / spec.file for d in dirs if (d / spec.file).is_file()), None)
-    if file is None:
-        raise ArchitectureError(f"no {spec.file} for {arch} in: {', '.join(str(d) for d in dirs) or 'no dirs given'}")
-    module = import_architecture_file(file)
-    factory = getattr(module, spec.factory, None)
-    if not callable(factory):
-        raise ArchitectureError(f"{file}: has no callable {spec.factory!r} to build {arch}")
-
-    args = spec.factory_args
-    attempts: list[tuple[tuple, dict]] = [
-        (args, {"num_classes": num_classes, "width": width}),
-        (args, {"num_classes": num_classes}),
-        (args + (num_classes,), {}),
-        (args, {}),
-    ]
-    failures = []
-    for call_args, call_kwargs in attempts:
-        shown = [repr(a) for a in call_args] + [f"{k}={v!r}" for k, v in call_kwargs.items()]
-        call = f"{spec.factory}({', '.join(shown)})"
-        try:
-            model = factory(*call_args, **call_kwargs)
-        except Exception as e:  # any error from someone else's factory
-            failures.append(f"{call}: {type(e).__name__}: {_first_line(e)}")
-            continue
-        if not isinstance(model, nn.Module):
-            failures.append(f"{call}: returned a {type(model).__name__}, not an nn.Module")
-            continue
-        got_classes, got_width = _built_size(spec, model)
-        if got_classes is not None and got_classes != num_classes:
-            failures.append(f"{call}: built a model with {got_classes} classes, need {num_classes}")
-            continue
-        if got_width is not None and got_width != width:
-            failures.append(f"{call}: built a model of width {got_width}, need {width}")
-            continue
-        return model, file
-    raise ArchitectureError(
-        f"{file}: cannot build {arch} with {num_classes} classes and width {width}; tried:\n  "
-        + "\n  ".join(failures)
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Victim models
-
-
-def _listed(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
-
-
-def _check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
-    """Lines describing how ``state_dict`` differs from ``model``'s; empty when it fits.
-
-    Missing ``*.num_batches_tracked`` keys are tolerated (checkpoints older than PyTorch 0.4.1).
-    """
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and not k.endswith(".num_batches_tracked")]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshaped = [f"{k} checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-    lines = []
-    if missing:
-        lines.append(f"{len(missing)} missing keys (in the model, not in the checkpoint): {_listed(missing)}")
-    if unexpected:
-        lines.append(f"{len(unexpected)} unexpected keys (in the checkpoint, not in the model): {_listed(unexpected)}")
-    if misshaped:
-        lines.append(f"{len(misshaped)} mis-shaped keys: {_listed(misshaped)}")
-    return lines
-
-
-def load_victim_model(arch: str, checkpoint: str | Path, arch_dirs: list[Path], *,
-                      trust: bool = False) -> tuple[nn.Module, VictimModelInfo]:
-    """Load a victim: weights -> class count and width -> build from an arch file -> strict load.
-
-    Returns the model (CPU, float32, eval mode) and a VictimModelInfo. Raises CheckpointError when
-    the weights do not fit the architecture, listing missing, unexpected and mis-shaped keys.
-    """
-    checkpoint = Path(checkpoint)
-    state_dict, meta = load_state_dict(checkpoint, trust=trust)
-    try:
-        num_classes = infer_num_classes(arch, state_dict)
-        width = infer_width(arch, state_dict)
-    except CheckpointError as e:
-        raise CheckpointError(f"{checkpoint}: {e}") from None
-    model, file = build_model(arch, num_classes, width, arch_dirs)
-    problems = _check_keys(state_dict, model)
-    if problems:
-        raise CheckpointError(
-            f"{checkpoint}: weights do not fit {arch} from {file} "
-            f"(num_classes={num_classes}, width={width}):\n  " + "\n  ".join(problems)
-        )
-    for key, value in model.state_dict().items():
-        if key.endswith(".num_batches_tracked") and key not in state_dict:
-            state_dict[key] = torch.zeros_like(value)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint}: loading into {arch} from {file} failed: {e}") from e
-    model = model.float().eval()
-    info = VictimModelInfo(arch=arch, num_classes=num_classes, width=width, architecture_file=file,
-                           checkpoint_acc=meta.get("acc"), epoch=meta.get("epoch"))
-    return model, info
+def _check_storage(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that claim more elements than their storage holds (``zeros(160).expand(2e6, 160)``):
+    sizes read from such a tensor would make us build a model far larger than the file."""
+    for key, tensor in state_dict.items():
+        needed = tensor.numel() * tensor.element_size()
+        held = tensor.untyped_storage().nbytes()
+        if needed > held or any(stride == 0 for size, stride in zip(tensor.shape, tensor.stride()) if size > 1):
+            raise CheckpointError(f"{path}: tensor {key!r} of shape {tuple(tensor.shape)} is backed by {held} bytes "
+                                  f"(it needs {needed}): an expanded or overlapping tensor is not trained weights")
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, acc: float | None, epoch: int | None) -> None:

@@ -1,4 +1,4 @@
-"""The command line: ``python -m mia {run,check,demo,evaluate} ...``.
+"""The command line: ``python -m mia {run,inspect,check,demo,evaluate,references} ...``.
 
 Errors on bad input are the project's own (mia.errors): they print as one line and exit with
 status 2; ``--debug`` shows the traceback instead.
@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("inspect", help="what was understood of a bundle and what scoring it will cost; scores nothing")
+    p.add_argument("path", type=Path, nargs="?", default=None, metavar="BUNDLE", help="the bundle (or --bundle)")
+    _add_run_options(p)
+
     p = sub.add_parser("check", help="validate an existing submission against the bundle's test files")
     p.add_argument("bundle", type=Path, nargs="?", default=None)
 
@@ -216,6 +220,23 @@ def _run(args, *, write: bool):
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    from mia.inspection import inspect_bundle, total_line
+
+    config = _config_from_args(args)
+    root = args.path or args.bundle or default_bundle(build=False)
+    print(f"bundle: {Path(root).resolve()}")
+    summary = inspect_bundle(root, config, log=print)  # prints each victim as soon as it is loaded
+    if summary.victims:
+        print(total_line(summary))
+    if summary.problems:
+        print(f"\n{len(summary.problems)} problem(s):", file=sys.stderr)
+        for problem in summary.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_check(args) -> int:
     from mia.submission import check_submission
 
@@ -237,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, write=False)
         if args.command == "check":
             return _cmd_check(args)
+        if args.command == "inspect":
+            return _cmd_inspect(args)
         if args.command == "demo":
             return _cmd_demo(args)
         if args.command == "references":

@@ -541,17 +541,19 @@ def _describe(value: object) -> str:
 
 
 def _as_int(value: object, what: str, path: Path | None, index: int) -> int:
-    """``value`` as a python int: int, numpy integer, or 0-d integer array/tensor. No bools, no floats."""
+    """``value`` as a python int: int, numpy integer, or a 0-d or one-element integer array/tensor.
+    No bools, no floats."""
     if isinstance(value, (bool, np.bool_)):
         raise DataError(f"{what} must be an integer, found bool {value!r}", path=path, index=index)
     if isinstance(value, int):
         return value
     if isinstance(value, np.integer):
         return int(value)
-    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
-        return int(value)
-    if isinstance(value, torch.Tensor) and value.ndim == 0 and value.dtype in _TORCH_INT_DTYPES:
-        return int(value.item())
+    if isinstance(value, np.ndarray) and value.size == 1 and value.ndim <= 1 and value.dtype.kind in "iu":
+        return int(value.reshape(()))
+    if (isinstance(value, torch.Tensor) and value.numel() == 1 and value.ndim <= 1
+            and value.dtype in _TORCH_INT_DTYPES and value.layout == torch.strided and value.device.type != "meta"):
+        return int(value.reshape(()).item())
     raise DataError(f"{what} must be an integer, found {_describe(value)}", path=path, index=index)
 
 
@@ -580,6 +582,13 @@ def _image_array(image: object, path: Path | None, index: int) -> np.ndarray:
                         index=index)
     if arr.ndim != 3:
         raise DataError(f"image must be 3-D (C, H, W), found shape {tuple(arr.shape)}", path=path, index=index)
+    if arr.shape[2] in (1, 3) and arr.shape[0] not in (1, 3):
+        raise DataError(f"image of shape {tuple(arr.shape)} looks like (H, W, C); records hold (C, H, W) images "
+                        f"as the model takes them (transpose with .permute(2, 0, 1))", path=path, index=index)
+    if arr.dtype.kind in "iu":
+        raise DataError(f"image has integer dtype {arr.dtype}: records must hold model-ready float images (what the "
+                        f"victim was fed, after its own scaling and normalisation); convert them the way the victim's "
+                        f"training did, e.g. x / 255 then (x - mean) / std, and save float32", path=path, index=index)
     if 0 in arr.shape:
         raise DataError(f"image has an empty dimension: shape {tuple(arr.shape)}", path=path, index=index)
     return arr

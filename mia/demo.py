@@ -57,16 +57,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mia.checkpoints import ARCHITECTURES, build_model, save_checkpoint
+from mia.checkpoints import save_checkpoint
 from mia.data import save_records
 from mia.errors import DataError, MIAError
+from mia.models.registry import REPO_ARCH_DIR, REPO_ARCHITECTURES, repo_builder
 from mia.thresholds import sweep
 from mia.training import TrainRecipe, train_classifier
 
 # Bump when the recipe changes (splits, preprocessing, training): cached bundles are then rebuilt.
 DEMO_FORMAT_VERSION = 2  # 2: victims trained with random flips
 
-REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+REPO_MODELS_DIR = REPO_ARCH_DIR  # the repository's architecture files, copied into the bundle
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
 FASHION_MNIST_ENV = "MIA_FASHION_MNIST"
 DOWNLOAD_CACHE_DIR = Path.home() / ".cache" / "mia" / "fashion-mnist"
@@ -293,9 +294,9 @@ class DemoConfig:
 
     def validate(self) -> None:
         """Raise MIAError on a config that cannot be built."""
-        unknown = [a for a in self.archs if a not in ARCHITECTURES]
+        unknown = [a for a in self.archs if a not in REPO_ARCHITECTURES]
         if unknown or not self.archs or len(set(self.archs)) != len(self.archs):
-            raise MIAError(f"archs must be distinct names from {sorted(ARCHITECTURES)}, got {list(self.archs)}")
+            raise MIAError(f"archs must be distinct names from {sorted(REPO_ARCHITECTURES)}, got {list(self.archs)}")
         if not re.fullmatch(r"[A-Za-z0-9]+", self.dataset_name):
             raise MIAError(f"dataset_name must be letters and digits only, got {self.dataset_name!r}")
         missing = [a for a in self.archs if a not in self.widths]
@@ -445,7 +446,8 @@ def _train_victim(
     width = int(config.widths[arch])
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         torch.manual_seed(seed)
-        model, arch_file = build_model(arch, NUM_CLASSES, width, [REPO_MODELS_DIR])
+        builder = repo_builder(arch)
+        model, arch_file = builder.build(NUM_CLASSES, width), builder.file
     x_train = torch.from_numpy(to_challenge_images(images[splits["members"]]))
     y_train = torch.from_numpy(labels[splits["members"]])
     recipe = TrainRecipe(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
@@ -474,7 +476,7 @@ def _expected_files(config: DemoConfig) -> list[str]:
     for arch in config.archs:
         files += [
             f"models/{arch}_{ds}.pth",
-            f"models/{ARCHITECTURES[arch].file}",
+            f"models/{REPO_ARCHITECTURES[arch].file}",
             f"datasets/eval/{ds}_{arch}.p",
             f"datasets/test/{ds}_{arch}.p",
             f"answers/{ds}_{arch}.npy",
@@ -553,7 +555,7 @@ def _write_bundle(
         splits = split_indices(config, arch, len(images))
         model, arch_file, stats = _train_victim(config, arch, splits, images, labels, device, progress)
         save_checkpoint(root / "models" / f"{arch}_{ds}.pth", model, 100.0 * stats["holdout_acc"], config.epochs - 1)
-        shutil.copyfile(arch_file, root / "models" / ARCHITECTURES[arch].file)
+        shutil.copyfile(arch_file, root / "models" / REPO_ARCHITECTURES[arch].file)
         save_records(
             root / "datasets" / "eval" / f"{ds}_{arch}.p",
             to_challenge_images(images[splits["eval"]]),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,10 +15,12 @@ import numpy as np
 
 from mia import attacks
 from mia.bundle import Bundle, Victim, discover
-from mia.checkpoints import VictimModelInfo, load_victim_model
 from mia.config import RunConfig, TaskConfig
-from mia.data import Records, load_records
+from mia.data import Records
 from mia.errors import DataError, MIAError
+from mia.inspection import load_victim, summarize_victim
+from mia.models.loading import VictimModelInfo, builder_key
+from mia.models.registry import REPO_ARCH_DIR
 from mia.scoring import VIEW_SETS, View, cached_logits, compute_logits, noise_views
 from mia.thresholds import Sweep, sweep
 
@@ -100,18 +103,14 @@ def label_noise_queries(eval_images: np.ndarray, config: RunConfig) -> tuple[tup
     return views, [s for s in config.label_noise for _ in range(2 * config.label_noise_draws)]
 
 
-def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress: bool = True) -> VictimData:
-    """Load the victim's model and records and compute (or fetch from the cache) their logits."""
+def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> VictimData:
+    """Load the victim's model and records and compute (or fetch from the cache) their logits.
+    ``log``, when given, receives the victim's summary (mia.inspection) before scoring starts."""
     t0 = time.perf_counter()
-    model, info = load_victim_model(victim.arch, victim.checkpoint, bundle.arch_dirs, trust=config.trust_checkpoints)
-    records_cache = bundle.root / ".cache" if config.cache else None
-    eval_recs = load_records(victim.eval_path, with_membership=True, num_classes=info.num_classes,
-                             cache_dir=records_cache)
-    test_recs = load_records(victim.test_path, with_membership=False, num_classes=info.num_classes,
-                             cache_dir=records_cache)
-    if eval_recs.images.shape[1:] != test_recs.images.shape[1:]:
-        raise DataError(f"test images are {test_recs.images.shape[1:]} but eval images are "
-                        f"{eval_recs.images.shape[1:]}", victim.test_path)
+    model, info, eval_recs, test_recs = load_victim(victim, bundle, config)
+    if log is not None:
+        log("\n".join(summarize_victim(victim, model, info, eval_recs, test_recs, config, bundle.root).lines()))
     answers = load_answers(victim, len(test_recs))
     views = VIEW_SETS[config.views]
     cache_dir = bundle.root / ".cache" / "logits" if config.cache else None
@@ -126,7 +125,7 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
             except RuntimeError as e:  # shape errors from the model itself
                 raise MIAError(f"{victim.name}: the model failed on {split} images of shape "
                                f"{recs.images.shape[1:]}: {e}") from e
-        return cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file),
+        return cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file, builder_key(info)),
                              f"{victim.name}-{split}{suffix.replace(' ', '-')}", queries, compute,
                              ndim=2 if labels_only else 3)
 
@@ -251,11 +250,13 @@ def run(bundle: Bundle | str | Path, config: RunConfig | None = None, *, progres
     for i, problem in enumerate(bundle.problems, 1):
         log(f"warning: {problem}")
         result.failures[f"bundle problem {i}"] = problem
-    for path in bundle.architecture_files().values():
+    bundle_code = sorted({p for files in bundle.architecture_files().values() for p in files
+                          if p.parent.resolve() != REPO_ARCH_DIR})
+    for path in bundle_code:
         log(f"architecture code imported: {path}")
     for victim in bundle.victims:
         try:
-            data = score_victim(victim, bundle, config, progress=progress)
+            data = score_victim(victim, bundle, config, progress=progress, log=log)
             outcomes = attack_victim(data, config)
         except MIAError as e:
             if not config.keep_going:

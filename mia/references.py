@@ -51,10 +51,13 @@ import torch
 from tqdm.auto import tqdm
 
 from mia.atomic import atomic_save_npy, atomic_write_text
-from mia.bundle import REPO_MODELS_DIR, Victim
-from mia.checkpoints import build_model, infer_num_classes, infer_width, load_state_dict, save_checkpoint
+from mia.bundle import Victim
+from mia.checkpoints import load_state_dict, save_checkpoint
 from mia.data import Records, load_records, records_from_objects, safe_load_pickle
-from mia.errors import CheckpointError, MIAError
+from mia.errors import MIAError
+from mia.models.loading import load_into
+from mia.models.discovery import Architecture, discover_architecture
+from mia.models.registry import REPO_ARCH_DIR
 from mia.cache import file_digest
 from mia.scoring import IDENTITY, View, compute_logits, resolve_device
 from mia.training import TrainRecipe, train_classifier
@@ -237,14 +240,14 @@ def _model_seed(seed: int, j: int) -> int:
 # Training
 
 
-def _fit_model(arch: str, num_classes: int, width: int, arch_dirs: list[Path], images: np.ndarray,
+def _fit_model(architecture: Architecture, width: int | None, images: np.ndarray,
                labels: np.ndarray, recipe: ReferenceRecipe, seed: int, device: torch.device,
                desc: str, progress: bool) -> torch.nn.Module:
     """A model initialised from ``seed`` and trained on images (n, C, H, W) / labels (n,) with
     mia.training.train_classifier (the demo victims' loop); returned on the CPU in eval mode."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, _ = build_model(arch, num_classes, width, arch_dirs)
+        model = architecture.build(width)
     train_classifier(model, images, labels, recipe.train_recipe(), seed=seed, device=device, desc=desc,
                      progress=progress)
     return model.cpu().float().eval()
@@ -270,8 +273,8 @@ def references_folder(bundle_root: str | Path, victim: Victim, references_root: 
 def default_arch_dirs(bundle_root: str | Path) -> list[Path]:
     """The bundle's models/ first, then the repository's architecture files (as mia.bundle does)."""
     dirs = [Path(bundle_root).resolve() / "models"]
-    if REPO_MODELS_DIR.resolve() != dirs[0]:
-        dirs.append(REPO_MODELS_DIR)
+    if REPO_ARCH_DIR != dirs[0]:
+        dirs.append(REPO_ARCH_DIR)
     return dirs
 
 
@@ -287,11 +290,11 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _header(victim: Victim, recipe: ReferenceRecipe, pool: Pool, num_classes: int, width: int,
-            arch_file: Path, bundle_root: Path) -> dict:
+def _header(victim: Victim, recipe: ReferenceRecipe, pool: Pool, num_classes: int, width: int | None,
+            architecture: Architecture, bundle_root: Path) -> dict:
     """What the folder's models were trained from; ``fingerprint`` covers all of it but paths and device."""
     training = {k: v for k, v in recipe.to_dict().items() if k != "device"}
-    training["width"] = int(width)
+    training["width"] = None if width is None else int(width)
     key = {
         "format": REFERENCES_FORMAT,
         "recipe": training,
@@ -307,7 +310,7 @@ def _header(victim: Victim, recipe: ReferenceRecipe, pool: Pool, num_classes: in
         "victim": victim.name,
         "arch": victim.arch,
         "num_classes": int(num_classes),
-        "width": int(width),
+        "width": training["width"],
         "k": recipe.k,
         "seed": recipe.seed,
         "recipe": training,
@@ -320,9 +323,20 @@ def _header(victim: Victim, recipe: ReferenceRecipe, pool: Pool, num_classes: in
             "sources": pool.sources,
         },
         "victim_checkpoint": {"path": _rel(victim.checkpoint, bundle_root), "sha256": key["victim_sha256"]},
-        "architecture_file": {"path": _rel(arch_file, bundle_root), "sha256": file_digest(arch_file)},
+        "architecture_file": _architecture_source(architecture, bundle_root),
         "masks_file": "masks.npy",
     }
+
+
+def _architecture_source(architecture: Architecture, bundle_root: Path) -> dict:
+    """Where the reference models' code comes from: the architecture file and its digest, or the
+    torchvision constructor and torchvision's version."""
+    b = architecture.builder
+    if b.file is None:
+        import torchvision
+
+        return {"path": b.label, "sha256": f"torchvision-{torchvision.__version__}"}
+    return {"path": _rel(b.file, bundle_root), "sha256": file_digest(b.file)}
 
 
 _HEADER_KEYS = ("format", "fingerprint", "victim", "arch", "num_classes", "width", "k", "seed", "recipe", "pool",
@@ -431,6 +445,7 @@ class ReferenceSet:
     arch_dirs: list[Path]  # where the architecture file is looked up
     trained: tuple[int, ...] = ()  # models trained by the call that returned this set
     models: dict[int, dict] = field(default_factory=dict)  # j -> model_{j}.json of the complete models
+    _architecture: Architecture | None = field(default=None, repr=False)  # found by the first load_model
 
     @property
     def k(self) -> int:
@@ -489,14 +504,12 @@ class ReferenceSet:
                     n_eval=self.n_eval, n_test=self.n_test, sources=sources)
 
     def load_model(self, j: int) -> torch.nn.Module:
-        """Reference model j on the CPU, eval mode."""
-        state_dict, _ = load_state_dict(self.model_path(j))
-        model, _ = build_model(self.arch, self.manifest["num_classes"], self.manifest["width"], self.arch_dirs)
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{self.model_path(j)}: does not fit {self.arch}: {e}") from e
-        return model.float().eval()
+        """Reference model j on the CPU, eval mode (its builder is found once, from the first model)."""
+        path = self.model_path(j)
+        state_dict, _ = load_state_dict(path)
+        if self._architecture is None:
+            self._architecture = discover_architecture(self.arch, state_dict, self.arch_dirs, what=str(path))
+        return load_into(self._architecture, state_dict, path)
 
 
 def load_reference_set(bundle_root: str | Path, victim: Victim, *, references_root: str | Path | None = None,
@@ -563,16 +576,16 @@ def train_references(
     bundle_root = Path(bundle_root).resolve()
     arch_dirs = list(arch_dirs or default_arch_dirs(bundle_root))
     state_dict, _ = load_state_dict(victim.checkpoint, trust=trust)
-    try:
-        num_classes = infer_num_classes(victim.arch, state_dict)
-        width = recipe.width or infer_width(victim.arch, state_dict)
-    except CheckpointError as e:
-        raise CheckpointError(f"{victim.checkpoint}: {e}") from None
+    architecture = discover_architecture(victim.arch, state_dict, arch_dirs, what=str(victim.checkpoint))
     del state_dict
+    num_classes = architecture.num_classes
+    if recipe.width and not architecture.builder.takes_width:
+        raise MIAError(f"{victim.name}: a reference width was asked for, but {architecture.builder.label} "
+                       f"(from {architecture.builder.where}) takes no width argument")
+    width = recipe.width or architecture.width
     pool = load_pool(victim, population, num_classes=num_classes, bundle_root=bundle_root)
     masks = make_masks(recipe.k, pool.n, recipe.seed)
-    _, arch_file = build_model(victim.arch, num_classes, width, arch_dirs)  # fails early on a bad arch file
-    header = _header(victim, recipe, pool, num_classes, width, arch_file, bundle_root)
+    header = _header(victim, recipe, pool, num_classes, width, architecture, bundle_root)
 
     folder = references_folder(bundle_root, victim, references_root)
     folder.mkdir(parents=True, exist_ok=True)
@@ -589,7 +602,7 @@ def train_references(
         seed = _model_seed(recipe.seed, j)
         inside = masks[j]
         t0 = time.perf_counter()
-        model = _fit_model(victim.arch, num_classes, width, arch_dirs, pool.images[inside], pool.labels[inside],
+        model = _fit_model(architecture, width, pool.images[inside], pool.labels[inside],
                            recipe, seed, device, f"model {j:03d}", progress)
         seconds = time.perf_counter() - t0
         in_acc = _accuracy(model, pool.images[inside], pool.labels[inside], device)

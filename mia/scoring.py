@@ -158,17 +158,21 @@ def compute_logits(
     return torch.cat(chunks, dim=1).cpu().numpy()
 
 
-def cache_key(checkpoint: Path, data: Path, views: tuple[View, ...], architecture_file: Path | None) -> str:
-    """Content hash of everything the logits depend on: weights, records, views, architecture code."""
+def cache_key(checkpoint: Path, data: Path, views: tuple[View, ...], architecture_file: Path | None,
+              builder: str = "") -> str:
+    """Content hash of everything the logits depend on: weights, records, views, architecture code.
+    ``builder`` names code that is not in a file of the bundle (a torchvision constructor and its version)."""
     h = hashlib.sha256(f"format={CACHE_FORMAT};views={[v.name for v in views]}".encode())
     for p in (checkpoint, data, architecture_file):
         h.update((file_digest(p) if p is not None else "-").encode())
+    if builder:
+        h.update(f";builder={builder}".encode())
     return h.hexdigest()[:24]
 
 
 def cached_logits(
     cache_dir: Path | None,
-    key_parts: tuple[Path, Path, Path | None],
+    key_parts: tuple[Path, Path, Path | None] | tuple[Path, Path, Path | None, str],
     label: str,
     views: tuple[View, ...],
     compute,
@@ -178,8 +182,7 @@ def cached_logits(
     ``ndim``: 3 for logits (V, n, C), 2 for predicted labels (V, n)."""
     if cache_dir is None:
         return compute(), False
-    checkpoint, data, arch_file = key_parts
-    path = Path(cache_dir) / f"{label}-{cache_key(checkpoint, data, views, arch_file)}.npy"
+    path = Path(cache_dir) / f"{label}-{cache_key(key_parts[0], key_parts[1], views, *key_parts[2:])}.npy"
     if path.is_file():
         try:
             arr = np.load(path, allow_pickle=False)

@@ -55,17 +55,22 @@ def build_result_json(result) -> dict:
     victims = {}
     for name, data in result.victims.items():
         info = data.info
-        arch_file = Path(info.architecture_file)
-        try:
-            arch_file_shown = str(arch_file.relative_to(root))
-        except ValueError:
-            arch_file_shown = f"<repository>/models/{arch_file.name}"
+        if info.architecture_file is None:
+            arch_file_shown = info.builder  # a torchvision constructor
+        else:
+            arch_file = Path(info.architecture_file)
+            try:
+                arch_file_shown = str(arch_file.relative_to(root))
+            except ValueError:
+                arch_file_shown = f"<repository>/mia/models/{arch_file.name}"
         victims[name] = {
             "arch": data.victim.arch,
             "dataset": data.victim.dataset,
             "num_classes": info.num_classes,
             "width": info.width,
             "architecture_file": arch_file_shown,
+            "builder": info.builder,
+            "n_parameters": info.n_parameters,
             "checkpoint_acc": info.checkpoint_acc,
             "checkpoint_epoch": info.epoch,
             "model_accuracy_on_eval": data.model_accuracy(),
@@ -152,7 +157,7 @@ def check_submission(root: str | Path, tasks: tuple[int, ...] | None = None,
     ``<root>/.cache`` (the run that wrote the predictions left them there). Raises SubmissionError listing every problem; returns the report when
     all is well.
     """
-    from mia.bundle import parse_data_name
+    from mia.bundle import test_file_victims
     from mia.data import load_records
 
     root = Path(root)
@@ -168,20 +173,21 @@ def check_submission(root: str | Path, tasks: tuple[int, ...] | None = None,
                 report.errors.append(f"{rj}: not a valid result.json ({e})")
         else:
             report.errors.append(f"{rj}: missing")
-    test_files = sorted((root / "datasets" / "test").glob("*.p"))
+    test_files, problems = test_file_victims(root)
+    report.errors += problems
     if not test_files:
         report.errors.append(f"{root / 'datasets' / 'test'}: no test files to check against")
-    for tf in test_files:
+    for tf, (dataset, arch) in test_files.items():
+        name = f"{arch}_{dataset}"
+        if victims is not None and name not in victims:
+            continue
         try:
-            dataset, arch = parse_data_name(tf)
-            if victims is not None and f"{arch}_{dataset}" not in victims:
-                continue
             n = len(load_records(tf, with_membership=False, cache_dir=root / ".cache" if cache else None))
         except MIAError as e:
             report.errors.append(str(e))
             continue
         for k in tasks:
-            path = root / "results" / f"task{k}_{arch}_{dataset}.npy"
+            path = root / "results" / f"task{k}_{name}.npy"
             if not path.is_file():
                 report.errors.append(f"{path.relative_to(root)}: missing")
                 continue

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mia.bundle import REPO_MODELS_DIR, discover, parse_data_name, parse_model_name
+from mia.bundle import discover
+from mia.models.registry import REPO_ARCH_DIR as REPO_MODELS_DIR
 from mia.errors import BundleError
 
 TINY_NAMES = ["mobilenetv2_fashionmnist", "resnet34_fashionmnist", "vgg16_fashionmnist"]
@@ -63,35 +64,48 @@ def test_architecture_files_prefer_the_bundle(tiny_bundle):
     bundle = discover(tiny_bundle)
     root = bundle.root
     assert bundle.arch_dirs == [root / "models", REPO_MODELS_DIR]
-    assert bundle.architecture_files() == {
-        "mobilenetv2": root / "models" / "mobilenetv2.py",
-        "resnet34": root / "models" / "resnet34.py",
-        "vgg16": root / "models" / "vgg.py",
-    }
+    files = bundle.architecture_files()
+    # the file named after the architecture (or its family) first, then the bundle's other files, then ours
+    assert files["mobilenetv2"][0] == root / "models" / "mobilenetv2.py"
+    assert files["resnet34"][0] == root / "models" / "resnet34.py"
+    assert files["vgg16"][0] == root / "models" / "vgg.py"
+    assert files["vgg16"][1:] == [root / "models" / "mobilenetv2.py", root / "models" / "resnet34.py",
+                                  REPO_MODELS_DIR / "vgg.py"]
 
 
 # ---------------------------------------------------------------------------------------------
 # File names
 
 
-def test_parse_names():
-    assert parse_data_name(Path("cifar10_resnet34.p")) == ("cifar10", "resnet34")
-    assert parse_data_name(Path("tiny_imagenet_vgg16.p")) == ("tiny_imagenet", "vgg16")  # arch = last field
-    assert parse_model_name(Path("resnet34_cifar10.pth")) == ("resnet34", "cifar10")
-    assert parse_model_name(Path("mobilenetv2_tiny_imagenet.pth")) == ("mobilenetv2", "tiny_imagenet")
+@pytest.mark.parametrize("arch, dataset", [("resnet34", "cifar10"), ("vgg16", "tiny_imagenet"),
+                                           ("wrn28_2", "cifar100"), ("resnet18", "tiny_imagenet"), ("lenet", "x")])
+def test_any_architecture_name_pairs_with_its_data(tmp_path, arch, dataset):
+    root = _layout(tmp_path / "b", _victim_files(arch, dataset))
+    (victim,) = discover(root).victims
+    assert (victim.arch, victim.dataset, victim.name) == (arch, dataset, f"{arch}_{dataset}")
 
 
-@pytest.mark.parametrize("name", ["cifar10.p", "cifar10_lenet.p", "_resnet34.p", "cifar10-resnet34.p",
-                                  "resnet34_cifar10.p"])
-def test_parse_data_name_errors(name):
-    with pytest.raises(BundleError, match=name.replace(".", r"\.")):
-        parse_data_name(Path(name))
+def test_names_with_underscores_on_both_sides(tmp_path):
+    root = _layout(tmp_path / "b", _victim_files("wrn28_2", "tiny_imagenet") + _victim_files("vgg16", "tiny_imagenet"))
+    assert sorted((v.arch, v.dataset) for v in discover(root).victims) == [("vgg16", "tiny_imagenet"),
+                                                                           ("wrn28_2", "tiny_imagenet")]
 
 
-@pytest.mark.parametrize("name", ["resnet34.pth", "lenet_cifar10.pth", "resnet34_.pth", "cifar10_resnet34.pth"])
-def test_parse_model_name_errors(name):
-    with pytest.raises(BundleError, match=name.replace(".", r"\.")):
-        parse_model_name(Path(name))
+def test_ambiguous_pairing_is_an_error(tmp_path):
+    # x_y_z.p is both dataset x_y of arch z (model z_x_y.pth) and dataset x of arch y_z (model y_z_x.pth)
+    root = _layout(tmp_path / "b", ["models/z_x_y.pth", "models/y_z_x.pth", "datasets/eval/x_y_z.p",
+                                    "datasets/test/x_y_z.p"])
+    with pytest.raises(BundleError, match="matches several models"):
+        discover(root)
+
+
+@pytest.mark.parametrize("name", ["datasets/eval/cifar10.p", "models/resnet34.pth", "datasets/test/_resnet34.p",
+                                  "models/resnet34_.pth"])
+def test_names_without_two_parts_do_not_parse(tmp_path, name):
+    root = _layout(tmp_path / "b", _victim_files("vgg16", "cifar10") + [name])
+    with pytest.raises(BundleError, match="does not parse"):
+        discover(root)
+    assert [v.name for v in discover(root, strict=False).victims] == ["vgg16_cifar10"]
 
 
 def test_bad_file_name_strict_and_lenient(tmp_path):
@@ -168,6 +182,6 @@ def test_architecture_files_fall_back_to_the_repository(tmp_path):
                    + ["models/resnet34.py"])
     bundle = discover(root)
     assert bundle.architecture_files() == {
-        "resnet34": root.resolve() / "models" / "resnet34.py",
-        "vgg16": REPO_MODELS_DIR / "vgg.py",
+        "resnet34": [root.resolve() / "models" / "resnet34.py", REPO_MODELS_DIR / "resnet34.py"],
+        "vgg16": [root.resolve() / "models" / "resnet34.py", REPO_MODELS_DIR / "vgg.py"],
     }

@@ -100,8 +100,14 @@ BAD_INPUTS: list[tuple[str, Callable[[], Any], bool, int | None, str, int | None
      "label must be an integer, found float32", 2),
     ("bool-label", lambda: _with(_eval_records(), 1, 1, True), True, None, "label must be an integer, found bool", 1),
     ("str-label", lambda: _with(_eval_records(), 1, 1, "3"), True, None, "label must be an integer, found str '3'", 1),
-    ("tensor-1d-label", lambda: _with(_eval_records(), 1, 1, torch.tensor([3])), True, None,
-     "label must be an integer, found torch.Tensor of dtype torch.int64 and shape (1,)", 1),
+    ("tensor-2-elements-label", lambda: _with(_eval_records(), 1, 1, torch.tensor([3, 4])), True, None,
+     "label must be an integer, found torch.Tensor of dtype torch.int64 and shape (2,)", 1),
+    ("array-2d-label", lambda: _with(_eval_records(), 1, 1, np.array([[3]])), True, None,
+     "label must be an integer, found numpy array of dtype int64 and shape (1, 1)", 1),
+    ("uint8-image", lambda: _with(_eval_records(), 1, 0, np.full(SHAPE, 200, np.uint8)), True, None,
+     "image has integer dtype uint8: records must hold model-ready float images", 1),
+    ("hwc-image", lambda: _with(_eval_records(), 1, 0, np.zeros((8, 8, 3), np.float32)), True, None,
+     "looks like (H, W, C)", 1),
     ("float-tensor-label", lambda: _with(_eval_records(), 1, 1, torch.tensor(3.0)), True, None,
      "label must be an integer, found torch.Tensor of dtype torch.float32", 1),
     ("label-out-of-range", lambda: _with(_eval_records(), 3, 1, 10), True, 10,
@@ -193,7 +199,7 @@ def test_accepted_label_and_image_types(tmp_path: Path) -> None:
         (torch.ones(SHAPE), 3, 1),  # tuples are fine, top level too
         (image64, np.int64(9), np.uint8(0)),
         (torch.zeros(SHAPE, dtype=torch.float16), torch.tensor(2), torch.tensor(1, dtype=torch.uint8)),
-        (np.full(SHAPE, 200, np.uint8), np.array(0), np.array(0, dtype=np.int32)),
+        (np.full(SHAPE, 200, np.float64), np.array([0]), torch.tensor([0], dtype=torch.int32)),  # one-element
         (torch.nn.Parameter(torch.full(SHAPE, -1.5)), 1, 1),
         (torch.full(SHAPE, 0.25, dtype=torch.bfloat16), 4, 0),
     )

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from mia import demo
-from mia.checkpoints import load_state_dict, load_victim_model
+from mia.checkpoints import load_state_dict
+from mia.models.loading import load_victim_model
 from mia.data import load_records
 from mia.errors import DataError, MIAError
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "mia" / "models"
 TINY = 4  # width used for forward passes
 
 

@@ -12,7 +12,7 @@ import pytest
 import mia
 from mia import attacks, thresholds
 from mia import signals as sig
-from mia.checkpoints import load_victim_model
+from mia.models.loading import load_victim_model
 from mia.cli import main
 from mia.config import RunConfig
 from mia.data import load_records

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mia.bundle import discover
-from mia.checkpoints import load_victim_model
+from mia.models.loading import load_victim_model
 from mia.data import load_records
 from mia.reference_attacks import (
     calibrated_aug_count,

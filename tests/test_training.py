@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mia.checkpoints import build_model
+from mia.models.registry import repo_builder
 from mia.training import TrainRecipe, augment_batch, epoch_batches, n_batches, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,12 +20,11 @@ def test_resnet34_trains_on_odd_batches_with_two_threads():
     (segfault or 'double free' in torch 2.14). Run in a child so that a crash fails this test only."""
     script = textwrap.dedent("""
         import numpy as np, torch
-        from pathlib import Path
-        from mia.checkpoints import build_model
+        from mia.models.registry import repo_builder
         from mia.training import TrainRecipe, train_classifier
         torch.set_num_threads(2)
         torch.manual_seed(0)
-        model, _ = build_model("resnet34", 10, 4, [Path("models")])
+        model = repo_builder("resnet34").build(10, 4)
         rng = np.random.default_rng(0)
         x = rng.normal(size=(97, 3, 32, 32)).astype(np.float32)  # batches of 64 and 33
         y = rng.integers(0, 10, 97)
@@ -61,7 +60,7 @@ def test_training_is_deterministic_for_a_seed():
     weights = []
     for _ in range(2):
         torch.manual_seed(0)
-        model, _ = build_model("vgg16", 10, 4, [REPO / "models"])
+        model = repo_builder("vgg16").build(10, 4)
         train_classifier(model, x, y, TrainRecipe(epochs=1, batch_size=16), seed=3, device=torch.device("cpu"),
                          progress=False)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))

@@ -1,0 +1,55 @@
+"""A bundle written in a challenge organiser's style (tests/foreign.py): inspected, run and checked end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from foreign import build_foreign_bundle
+from mia.cli import main
+
+
+@pytest.fixture(scope="module")
+def foreign_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("foreign") / "bundle"
+    build_foreign_bundle(root, n=24)
+    return root
+
+
+def test_inspect_shows_what_was_understood(foreign_bundle, capsys):
+    assert main(["inspect", str(foreign_bundle), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "mobilenetv2_toy: torchvision.models.mobilenet_v2 (torchvision)" in out
+    assert "resnet34_toy: resnet_34 (bundle models/resnet34.py)" in out
+    assert "wrn10_2_toy: WideResNet (bundle models/wrn10_2.py)" in out
+    assert "eval 24 records (12 members), test 24" in out and "labels " in out and "of 10 classes" in out
+    # 48 records x (10 views + 32 noisy queries)
+    assert out.count("planned: 2,016 forward passes (10 views + 32 noisy queries per record)") == 3
+    assert "MFLOPs per 32x32 image" in out and "total: about" in out
+
+
+def test_run_and_check_with_no_option(foreign_bundle, capsys):
+    assert main(["run", "--bundle", str(foreign_bundle), "--quiet", "--no-plots"]) == 0
+    assert main(["check", str(foreign_bundle)]) == 0
+    doc = json.loads((foreign_bundle / "result.json").read_text())
+    victims = doc["victims"]
+    assert victims["mobilenetv2_toy"]["architecture_file"] == "torchvision.models.mobilenet_v2"
+    assert victims["resnet34_toy"]["builder"] == "resnet_34" and victims["resnet34_toy"]["width"] is None
+    assert victims["wrn10_2_toy"]["architecture_file"] == "models/wrn10_2.py"
+    for name in victims:
+        for k in (1, 2, 3):
+            pred = np.load(foreign_bundle / "results" / f"task{k}_{name}.npy")
+            assert pred.shape == (24,) and set(np.unique(pred)) <= {0, 1}
+
+
+def test_a_victim_nothing_builds_is_a_problem_and_a_nonzero_exit(foreign_bundle, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "b"
+    shutil.copytree(foreign_bundle, root, ignore=shutil.ignore_patterns("results", ".cache", "result.json"))
+    (root / "models" / "wrn10_2.py").unlink()
+    assert main(["inspect", str(root), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "1 problem(s)" in err and "wrn10_2_toy" in err and "no builder makes a model" in err
+    assert "resnet_34 (bundle resnet34.py): its classifier 'fc.weight' is not in the checkpoint" in err
