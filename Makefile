@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: run test evaluate references demo check bench env fashion-mnist clean-demo
+.PHONY: run test notebook inspect evaluate references demo check bench env fashion-mnist clean-demo
 
 env: $(STAMP)
 
@@ -33,6 +33,20 @@ fashion-mnist:
 
 run: $(STAMP) fashion-mnist
 	$(PYTHON) -m mia run $(ARGS)
+
+inspect: $(STAMP) fashion-mnist
+	$(PYTHON) -m mia inspect $(ARGS)
+
+# JupyterLab on the project's venv, with a kernel registered under the project's name (opens exp.ipynb).
+NB_STAMP := $(VENV)/.notebook-$(shell cksum < requirements-notebook.txt | cut -d' ' -f1)
+$(NB_STAMP): $(STAMP) requirements-notebook.txt
+	$(PYTHON) -m pip install -q -r requirements-notebook.txt
+	$(PYTHON) -m ipykernel install --sys-prefix --name mia --display-name "mia (project venv)"
+	rm -f $(VENV)/.notebook-*
+	touch $@
+
+notebook: $(NB_STAMP) fashion-mnist
+	$(VENV)/bin/jupyter lab exp.ipynb $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 evaluate: $(STAMP) fashion-mnist
 	$(PYTHON) -m mia evaluate $(ARGS)

@@ -15,7 +15,7 @@ memory (the child's VmHWM, i.e. its own peak RSS, and ``ru_maxrss``, which Linux
 the parent across fork + exec; ``torch.cuda.max_memory_allocated`` on CUDA). A child that only
 imports what ``mia run`` imports shows the fixed start-up cost.
 
-Bundle: ``bundle`` when given; else the demo bundle (``mia.cli.default_bundle``) when it is built;
+Bundle: ``bundle`` when given; else the demo bundle (``mia.paths.default_bundle``) when it is built;
 else, or with ``tiny``, a tiny demo bundle built in a temporary folder (``DemoConfig.tiny``).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks import BenchResult, Check, fmt, markdown_table, median, timed_cpu
-from mia.cli import REPO_ROOT, default_bundle, is_challenge_bundle
+from mia.paths import REPO_ROOT, default_bundle, is_challenge_bundle
 from mia.config import RunConfig
 from mia.pipeline import run as run_pipeline
 from mia.submission import write_run

@@ -7,12 +7,13 @@ A cache that cannot be written (read-only bundle) is skipped silently.
 
 * ``file_digest``: sha256 of a file, remembered for the process while the file's size, mtime and
   inode stay the same (one run hashes each input once, not once per use).
-* ``cached_records``: validated dataset records as ``.npz`` (``records/``), so the safe but slow
-  pure-Python unpickling of a ``.p`` file happens once per file content.
+* ``cached_arrays``: named arrays as ``.npz``, validated by the caller before use (mia.data keeps
+  validated records under ``records/``, so the slow safe unpickling happens once per file content).
 """
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -20,9 +21,7 @@ import numpy as np
 
 from mia.atomic import atomic_save_npz
 
-__all__ = ["RECORDS_CACHE_FORMAT", "cached_records", "file_digest"]
-
-RECORDS_CACHE_FORMAT = 1  # bump when the arrays a records entry holds would change
+__all__ = ["cached_arrays", "file_digest"]
 
 _DIGESTS: dict[tuple, str] = {}
 
@@ -42,47 +41,26 @@ def file_digest(path: str | Path) -> str:
     return digest
 
 
-def _read_records_entry(entry: Path, with_membership: bool):
-    """(images, labels, membership or None) from a cache entry, or None if missing or malformed."""
-    if not entry.is_file():
-        return None
-    try:
-        with np.load(entry, allow_pickle=False) as z:
-            images, labels = z["images"], z["labels"]
-            membership = z["membership"] if with_membership else None
-    except (OSError, ValueError, KeyError, EOFError):
-        return None
-    n = len(labels)
-    ok = (images.dtype == np.float32 and images.ndim == 4 and len(images) == n and n > 0
-          and labels.dtype == np.int64 and labels.ndim == 1 and labels.min() >= 0 and np.isfinite(images).all())
-    if ok and with_membership:
-        ok = (membership.dtype == np.int64 and membership.shape == (n,) and np.isin(membership, (0, 1)).all()
-              and 0 < membership.sum() < n)
-    return (images, labels, membership) if ok else None
+def cached_arrays(entry: Path | None, build: Callable[[], dict[str, np.ndarray]],
+                  valid: Callable[[dict[str, np.ndarray]], bool]) -> tuple[dict[str, np.ndarray], bool]:
+    """Named arrays from the ``.npz`` file ``entry`` when it exists and ``valid`` accepts its arrays,
+    else ``build()``'s, stored there atomically. Returns (arrays, hit).
 
-
-def cached_records(cache_dir: str | Path | None, path: str | Path, with_membership: bool, load: Callable):
-    """Records of ``path``: from ``<cache_dir>/records/`` when an entry for this file content exists,
-    else ``load()`` (which validates; num_classes unchecked) and store them.
-
-    Returns (Records, hit). ``load`` is only called on a miss; the caller checks label ranges.
-    """
-    from mia.data import Records
-
-    if cache_dir is None:
-        return load(), False
-    kind = "eval" if with_membership else "test"
-    entry = Path(cache_dir) / "records" / f"{file_digest(path)[:32]}-{kind}-v{RECORDS_CACHE_FORMAT}.npz"
-    arrays = _read_records_entry(entry, with_membership)
-    if arrays is not None:
-        images, labels, membership = arrays
-        return Records(images=images, labels=labels, membership=membership, path=Path(path)), True
-    recs = load()
-    parts = {"images": recs.images, "labels": recs.labels}
-    if with_membership:
-        parts["membership"] = recs.membership
-    try:
-        atomic_save_npz(entry, **parts)
-    except OSError:
-        pass  # read-only bundle: no cache, same records
-    return recs, False
+    The cache knows nothing of what the arrays mean: ``valid`` (the caller's) decides whether an entry
+    can be used, so a damaged or planted entry is rebuilt. ``entry=None`` disables the cache; an entry
+    that cannot be written (read-only folder) is skipped."""
+    if entry is not None and entry.is_file():
+        try:
+            with np.load(entry, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            if valid(arrays):
+                return arrays, True
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # damaged entry: rebuilt below
+    arrays = build()
+    if entry is not None:
+        try:
+            atomic_save_npz(entry, **arrays)
+        except OSError:
+            pass  # read-only bundle: no cache, same arrays
+    return arrays, False

@@ -12,31 +12,7 @@ from pathlib import Path
 
 from mia.config import ACCESS_LEVELS, CHALLENGE_TASKS, RunConfig, TaskConfig
 from mia.errors import MIAError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def is_challenge_bundle(path: Path) -> bool:
-    """A folder with datasets/eval, datasets/test and at least one models/*.pth."""
-    return (path / "datasets" / "eval").is_dir() and (path / "datasets" / "test").is_dir() and any(
-        (path / "models").glob("*.pth"))
-
-
-def default_bundle(*, build: bool = True, progress: bool = True, log=print) -> Path:
-    """The challenge bundle at the repository root when there is one, else the demo bundle.
-
-    The demo bundle (``demo/``, Fashion-MNIST) is built on first use when ``build`` is true.
-    """
-    if is_challenge_bundle(REPO_ROOT):
-        return REPO_ROOT
-    from mia.demo import DemoConfig, build_demo
-
-    cfg = DemoConfig(out=REPO_ROOT / "demo")
-    if build:
-        res = build_demo(cfg, progress=progress)
-        if not res.reused:
-            log(f"built the demo bundle at {res.path}")
-    return cfg.out
+from mia.paths import REPO_ROOT, default_bundle
 
 
 def _parse_task_access(values: list[str] | None) -> tuple[TaskConfig, ...]:
@@ -124,7 +100,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mia", description=__doc__.splitlines()[0])
+    prog = "mia" if Path(sys.argv[0]).name == "mia" else "python -m mia"  # the console script or -m
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 

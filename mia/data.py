@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from mia.atomic import atomic_write
+from mia.cache import cached_arrays, file_digest
 from mia.errors import DataError, UnsafePickleError
 
 __all__ = [
@@ -524,6 +525,7 @@ _TORCH_INT_DTYPES = frozenset(
     {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64}
 )
 _INT64_MAX = int(np.iinfo(np.int64).max)
+RECORDS_CACHE_FORMAT = 1  # bump when the arrays a records cache entry holds would change
 _FINITE_CHUNK = 4096  # records per np.isfinite pass (bounds the temporary bool array)
 
 
@@ -717,17 +719,42 @@ def load_records(path: str | Path, *, with_membership: bool, num_classes: int | 
     or None. Raises DataError (UnsafePickleError for a refused global) naming the file and record.
 
     cache_dir: when given, the validated arrays are kept there as ``.npz`` keyed by the file's
-    sha256 (mia.cache.cached_records), and later calls on the same content read them instead of
+    sha256 (mia.cache.cached_arrays), and later calls on the same content read them instead of
     unpickling again; labels are checked against ``num_classes`` either way.
     """
     if cache_dir is None:
         return _load_validated(path, with_membership, num_classes)
-    from mia.cache import cached_records
+    kind = "eval" if with_membership else "test"
+    entry = Path(cache_dir) / "records" / f"{file_digest(path)[:32]}-{kind}-v{RECORDS_CACHE_FORMAT}.npz"
 
-    recs, _ = cached_records(cache_dir, path, with_membership, lambda: _load_validated(path, with_membership, None))
+    def build() -> dict[str, np.ndarray]:
+        recs = _load_validated(path, with_membership, None)
+        arrays = {"images": recs.images, "labels": recs.labels}
+        if with_membership:
+            arrays["membership"] = recs.membership
+        return arrays
+
+    arrays, _ = cached_arrays(entry, build, lambda a: _valid_record_arrays(a, with_membership))
+    recs = Records(images=arrays["images"], labels=arrays["labels"], membership=arrays.get("membership"),
+                   path=Path(path))
     if num_classes is not None:
         _check_label_range(recs.labels, num_classes, Path(path))
     return recs
+
+
+def _valid_record_arrays(arrays: dict[str, np.ndarray], with_membership: bool) -> bool:
+    """Whether a cache entry holds what _validate_records returns (shapes, dtypes, finite, 0/1 membership)."""
+    images, labels = arrays.get("images"), arrays.get("labels")
+    if images is None or labels is None or (with_membership and "membership" not in arrays):
+        return False
+    n = len(labels)
+    ok = (images.dtype == np.float32 and images.ndim == 4 and len(images) == n and n > 0
+          and labels.dtype == np.int64 and labels.ndim == 1 and labels.min() >= 0 and bool(np.isfinite(images).all()))
+    if ok and with_membership:
+        membership = arrays["membership"]
+        ok = (membership.dtype == np.int64 and membership.shape == (n,) and bool(np.isin(membership, (0, 1)).all())
+              and 0 < membership.sum() < n)
+    return ok
 
 
 def _load_validated(path: str | Path, with_membership: bool, num_classes: int | None) -> Records:

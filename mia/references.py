@@ -760,7 +760,7 @@ def add_parser(subparsers) -> object:
 def run_cli(args) -> int:
     """Run ``python -m mia references`` with parsed ``args``; returns the exit status."""
     from mia.bundle import discover
-    from mia.cli import default_bundle
+    from mia.paths import default_bundle
 
     shard = parse_shard(args.shard)
     recipe = ReferenceRecipe(k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

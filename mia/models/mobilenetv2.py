@@ -8,7 +8,8 @@ State_dict keys follow kuangliu/pytorch-cifar's ``MobileNetV2`` (344 keys with 1
 at ``layers.0, 1, 10, 16``), ``conv2``, ``bn2``, ``linear``; no conv has a bias.
 
 Input (n, 3, H, W) float32 with H, W multiples of 8; output logits (n, num_classes).
-This file imports only torch: it is loaded by path, as challenge bundles ship their own copy.
+This file imports only torch: it is loaded by path, like a bundle's own architecture files (one layout
+among several that mia.models.registry recognises; nothing assumes a challenge uses it).
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ checkpoints load unchanged: ``conv1``, ``bn1``, ``layer1.0-2``, ``layer2.0-3``, 
 the shape changes), ``linear``.
 
 Input (n, 3, H, W) float32 with H, W in {32, 64, ...}; output logits (n, num_classes).
-This file imports only torch: it is loaded by path, as challenge bundles ship their own copy.
+This file imports only torch: it is loaded by path, like a bundle's own architecture files (one layout
+among several that mia.models.registry recognises; nothing assumes a challenge uses it).
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ State_dict keys follow kuangliu/pytorch-cifar's ``VGG`` (VGG16: 93 keys): ``feat
 conv (with bias) at N followed by its BatchNorm at N+1, and a single ``classifier`` Linear.
 
 Input (n, 3, H, W) float32 with H, W multiples of 32; output logits (n, num_classes).
-This file imports only torch: it is loaded by path, as challenge bundles ship their own copy.
+This file imports only torch: it is loaded by path, like a bundle's own architecture files (one layout
+among several that mia.models.registry recognises; nothing assumes a challenge uses it).
 """
 from __future__ import annotations
 

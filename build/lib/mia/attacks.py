@@ -1,0 +1,453 @@
+"""Attacks per access level, and their honest selection on eval.
+
+An attack maps a record's features to a score (larger = more likely member) and a 0/1 prediction.
+Features come in two kinds, and the label-only kind is built from predicted labels alone:
+
+* posterior access (tasks 1, 2): float64 signals from the logits of every query view
+  (``posterior_features``);
+* label-only access (task 3): ``label_only_features`` takes integer predicted labels and refuses
+  anything else, so the task-3 path never sees probabilities or logits.
+
+Candidates are fitted on eval and chosen by stratified k-fold cross-validation (``select``): each
+candidate's thresholds (or learned model) are fitted on k-1 folds and measured on the held-out fold;
+the candidate with the best cross-validated accuracy is refitted on all of eval and applied to test.
+The seed's method (best in-sample eval accuracy among four global thresholds) is ``select`` with
+``selection="in_sample"`` over ``SEED_POSTERIOR`` / ``SEED_LABEL_ONLY``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mia import signals as sig
+from mia.logistic import fit_logistic
+from mia.metrics import attack_metrics
+from mia.thresholds import ClassThresholds, predict, predict_per_class, sweep, sweep_per_class
+
+# ----------------------------------------------------------------------------------------------
+# Features
+
+
+def posterior_features(logits: np.ndarray, labels: np.ndarray, view_names: list[str]) -> dict[str, np.ndarray]:
+    """Signals for posterior access.
+
+    logits: (V, n, C) for V query views, view 0 being the image itself; labels: (n,) int.
+    Returns name -> (n,) float64: every signal of ``mia.signals`` on the image itself, plus
+    ``aug_flip_lsc`` (mean logit-scaled confidence over the image and its flip) and ``aug_mean_lsc``
+    (mean over all views) when those views exist, and ``view{v}_lsc`` (the logit-scaled confidence of
+    view v >= 1 alone: inputs of the learned attacks, which weigh the views, not thresholded alone).
+    """
+    logits = np.asarray(logits)
+    if logits.ndim != 3 or logits.shape[0] != len(view_names):
+        raise ValueError(f"logits must be (V={len(view_names)}, n, C), got {logits.shape}")
+    feats = dict(sig.all_signals(logits[0], labels))
+    lsc = np.stack([sig.logit_scaled_confidence(z, labels) for z in logits])  # (V, n)
+    if "flip" in view_names:
+        feats["aug_flip_lsc"] = lsc[[0, view_names.index("flip")]].mean(axis=0)
+    if len(view_names) > 2:
+        feats["aug_mean_lsc"] = lsc.mean(axis=0)
+    for v in range(1, len(view_names)):
+        feats[f"view{v}_lsc"] = lsc[v]
+    return feats
+
+
+def is_view_input(name: str) -> bool:
+    """A per-view or per-noise-level feature (``view{v}_lsc``, ``sigma{s}_correct``): an input of the
+    learned attacks only, never thresholded alone."""
+    return name.startswith(("view", "sigma"))
+
+
+def integer_labels(array, what: str) -> np.ndarray:
+    """``array`` as an integer array; TypeError for anything else: probabilities or logits must never
+    reach a label-only attack (the one check behind every label-only entry point)."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{what} must be integer predicted labels, got dtype {array.dtype}: probabilities or logits "
+                        "must not reach a label-only attack")
+    return array
+
+
+def _integer_predictions(predicted, n: int, what: str) -> np.ndarray:
+    predicted = integer_labels(predicted, what)
+    if predicted.ndim != 2 or predicted.shape[1] != n:
+        raise ValueError(f"{what} must be (V, n={n}) predicted labels, got {predicted.shape}")
+    return predicted
+
+
+def label_only_features(predicted: np.ndarray, labels: np.ndarray, noise_predicted: np.ndarray | None = None,
+                        noise_levels: list[float] | tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
+    """Features for label-only access from predicted labels only.
+
+    predicted: (V, n) integer predicted labels for V query views (view 0 = the image itself);
+    labels: (n,) int. Returns ``correctness`` (view 0) and ``aug_correct_count`` (how many views are
+    still classified correctly; Choquette-Choo et al. 2021), as float64.
+    noise_predicted: (Q, n) integer predicted labels of Q noisy queries, query q made at noise level
+    ``noise_levels[q]``: adds ``noise_correct`` (the fraction of noisy queries classified correctly;
+    robustness to noise, Choquette-Choo et al.'s noise attack) and, with more than one level,
+    ``sigma{s}_correct`` (the fraction at level s; inputs of the learned attacks).
+    Raises TypeError for anything but integer labels: probabilities and logits are refused.
+    """
+    labels = np.asarray(labels)
+    predicted = _integer_predictions(predicted, len(labels), "predicted")
+    correct = predicted == labels[None, :]
+    feats = {"correctness": correct[0].astype(np.float64)}
+    if predicted.shape[0] > 1:
+        feats["aug_correct_count"] = correct.sum(axis=0).astype(np.float64)
+    if noise_predicted is not None:
+        noise_predicted = _integer_predictions(noise_predicted, len(labels), "noise_predicted")
+        levels = np.asarray(noise_levels if noise_levels is not None else [], dtype=np.float64)
+        if levels.shape != (noise_predicted.shape[0],) or len(levels) == 0:
+            raise ValueError(f"noise_levels must give the level of each of the {noise_predicted.shape[0]} noisy "
+                             f"queries, got {None if noise_levels is None else len(levels)}")
+        noisy_correct = noise_predicted == labels[None, :]
+        feats["noise_correct"] = noisy_correct.mean(axis=0, dtype=np.float64)
+        distinct = list(dict.fromkeys(levels.tolist()))
+        if len(distinct) > 1:
+            for s in distinct:
+                feats[f"sigma{s:g}_correct"] = noisy_correct[levels == s].mean(axis=0, dtype=np.float64)
+    return feats
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One attack: a threshold on a signal (global or per class) or a learned combination."""
+
+    kind: str  # "global" | "class" | "fixed" | "logreg" | "logreg_class" | "boosting"
+    signal: str | None = None  # the feature thresholded (global/class/fixed); None for learned ones
+    features: tuple[str, ...] = ()  # inputs of a learned combination
+    fixed_threshold: float | None = None  # kind "fixed": the threshold used as is, never fitted
+
+    @property
+    def name(self) -> str:
+        if self.kind == "global":
+            return f"{self.signal}"
+        if self.kind == "class":
+            return f"{self.signal}@class"
+        if self.kind == "fixed":
+            return f"{self.signal}>={self.fixed_threshold:g}"
+        return self.kind
+
+    def describe(self) -> str:
+        if self.kind == "global":
+            return f"one global threshold on {self.signal}"
+        if self.kind == "class":
+            return f"a threshold per true class on {self.signal} (Song & Mittal 2021)"
+        if self.kind == "fixed":
+            return f"member when {self.signal} >= {self.fixed_threshold:g} (fixed, not fitted)"
+        model = {"logreg": "logistic regression", "logreg_class": "logistic regression (each input also "
+                 "standardized within its true class)", "boosting": "gradient boosting"}[self.kind]
+        return f"{model} over {', '.join(self.features)}, trained on eval, threshold swept"
+
+
+@dataclass
+class Fitted:
+    """A candidate fitted on some records; ``score`` and ``predict`` apply it to others."""
+
+    candidate: Candidate
+    threshold: float | None = None
+    class_thresholds: ClassThresholds | None = None
+    model: object = None
+    class_stats: dict | None = None  # logreg_class: label -> (mean, std) of each input on the fit records
+
+    def score(self, feats: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
+        c = self.candidate
+        if c.kind in ("global", "fixed"):
+            return np.asarray(feats[c.signal], dtype=np.float64)
+        if c.kind == "class":
+            return _shift(feats[c.signal], self.class_thresholds.for_labels(labels))
+        return _learned_score(self.model, _learned_inputs(c, feats, labels, self.class_stats))
+
+    def predict(self, feats: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
+        c = self.candidate
+        if c.kind in ("global", "fixed"):
+            return predict(feats[c.signal], self.threshold)
+        if c.kind == "class":
+            return predict_per_class(feats[c.signal], labels, self.class_thresholds)
+        return predict(self.score(feats, labels), self.threshold)
+
+    def describe_fit(self) -> dict:
+        """JSON-ready parameters of the fit."""
+        if self.candidate.kind == "class":
+            ct = self.class_thresholds
+            return {
+                "global_threshold": ct.global_threshold,
+                "class_thresholds": {str(k): v for k, v in sorted(ct.per_class.items())},
+                "fallback_classes": sorted(int(k) for k in ct.fallback_classes),
+            }
+        return {"threshold": self.threshold}
+
+
+def _shift(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """values - thresholds: >= 0 exactly where the per-class rule predicts a member.
+
+    A class whose threshold is -inf (every record a member) or +inf (none) gets a finite stand-in
+    just outside these values, so scores stay finite and keep their order within the class.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    t = np.array(thresholds, dtype=np.float64)
+    if len(values):
+        t[np.isneginf(t)] = values.min() - 1.0
+        t[np.isposinf(t)] = values.max() + 1.0
+    return values - t
+
+
+def _matrix(feats: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:
+    x = np.stack([np.asarray(feats[n], dtype=np.float64) for n in names], axis=1)
+    # logit-scaled signals can reach +-1e3 on extreme logits; clip so the scaler stays meaningful
+    return np.clip(x, -1e4, 1e4)
+
+
+def _class_stats(x: np.ndarray, labels: np.ndarray) -> dict:
+    """label -> (mean (d,), std (d,)) of the rows of x with that label; 'all' for unseen labels."""
+    stats = {"all": (x.mean(axis=0), x.std(axis=0) + 1e-9)}
+    for y in np.unique(labels):
+        rows = x[labels == y]
+        if len(rows) >= 2:
+            stats[int(y)] = (rows.mean(axis=0), rows.std(axis=0) + 1e-9)
+    return stats
+
+
+def _learned_inputs(c: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, class_stats: dict | None,
+                    x: np.ndarray | None = None) -> np.ndarray:
+    """The matrix a learned candidate sees: its features (``x`` if already built), plus (logreg_class)
+    their per-class z-scores."""
+    x = _matrix(feats, c.features) if x is None else x
+    if c.kind != "logreg_class":
+        return x
+    z = np.empty_like(x)
+    for y in np.unique(labels):
+        mean, std = class_stats.get(int(y), class_stats["all"])
+        rows = labels == y
+        z[rows] = (x[rows] - mean) / std
+    return np.concatenate([x, z], axis=1)
+
+
+def _learned_score(model, x: np.ndarray) -> np.ndarray:
+    if hasattr(model, "decision_function"):
+        return np.asarray(model.decision_function(x), dtype=np.float64)
+    p = model.predict_proba(x)[:, 1]
+    return np.log(np.clip(p, 1e-300, None)) - np.log(np.clip(1.0 - p, 1e-300, None))
+
+
+def fit(candidate: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, membership: np.ndarray,
+        *, min_class_count: int = 20, seed: int = 0) -> Fitted:
+    """Fit ``candidate`` on these records (features, true labels, 0/1 membership)."""
+    c = candidate
+    if c.kind == "fixed":
+        return Fitted(c, threshold=float(c.fixed_threshold))
+    if c.kind == "global":
+        return Fitted(c, threshold=sweep(feats[c.signal], membership).best_threshold)
+    if c.kind == "class":
+        return Fitted(c, class_thresholds=sweep_per_class(feats[c.signal], membership, labels, min_count=min_class_count))
+    x = _matrix(feats, c.features)
+    class_stats = _class_stats(x, np.asarray(labels)) if c.kind == "logreg_class" else None
+    x = _learned_inputs(c, feats, labels, class_stats, x)
+    if c.kind in ("logreg", "logreg_class"):
+        # StandardScaler + LogisticRegression(C=1) of scikit-learn, solved by Newton's method (mia.logistic)
+        model = fit_logistic(x, membership, c=1.0)
+    elif c.kind == "boosting":
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        model = HistGradientBoostingClassifier(max_iter=100, max_depth=3, learning_rate=0.05,
+                                               l2_regularization=1.0, random_state=seed)
+        model.fit(x, membership)
+    else:
+        raise ValueError(f"unknown candidate kind {c.kind!r}")
+    fitted = Fitted(c, model=model, class_stats=class_stats)
+    fitted.threshold = sweep(fitted.score(feats, labels), membership).best_threshold
+    return fitted
+
+
+SEED_POSTERIOR = tuple(Candidate("global", s) for s in sig.SEED_SIGNALS)
+#: The seed's task 3: member exactly when the record is classified correctly.
+SEED_LABEL_ONLY = (Candidate("fixed", "correctness", fixed_threshold=0.5),)
+
+
+def strong_posterior_candidates(feature_names: list[str]) -> tuple[Candidate, ...]:
+    """Every signal with a global and a per-class threshold, plus learned combinations of them all and
+    of the per-view logit-scaled confidences.
+
+    (Gradient boosting, kind "boosting", is available but not a default candidate: on the demo
+    bundle it was no better than logistic regression on test and costs 20x the time.)"""
+    names = [n for n in feature_names if n != "correctness" and not is_view_input(n)]
+    learned = tuple(names + [n for n in feature_names if is_view_input(n)])
+    out = [Candidate("global", n) for n in names] + [Candidate("class", n) for n in names]
+    out.append(Candidate("logreg", features=learned))
+    out.append(Candidate("logreg_class", features=learned))
+    return tuple(out)
+
+
+#: Label-only signals thresholded alone (those a run has), in this order.
+LABEL_ONLY_SIGNALS = ("correctness", "aug_correct_count", "noise_correct", "calibrated_aug_count", "label_lira",
+                      "calibrated_noise_correct", "noise_lira")
+
+
+def strong_label_only_candidates(feature_names: list[str]) -> tuple[Candidate, ...]:
+    """Correctness, the augmentation count, the noise robustness (and, with reference models, the
+    calibrated count and the label-only likelihood ratio) with global and per-class thresholds, and
+    logistic regressions over them: the noise robustness per noise level instead of pooled, and
+    without the image's own correctness when there are noisy queries (they subsume it).
+
+    (The correctness of each augmented view as separate inputs is not a candidate any more: with the
+    noisy queries the compact inputs did as well in cross-validation on the demo bundle's eval, with
+    fewer inputs to overfit.)"""
+    base = [n for n in LABEL_ONLY_SIGNALS if n in feature_names]
+    out = [Candidate("global", n) for n in base] + [Candidate("class", n) for n in base]
+    learned = [n for n in base if n != "correctness"] if "noise_correct" in base else list(base)  # subsumed
+    levels = [n for n in feature_names if n.startswith("sigma")]
+    if levels:  # the per-level fractions instead of their mean
+        learned = [n for n in learned if n != "noise_correct"] + levels
+    if len(learned) > 1:
+        out.append(Candidate("logreg", features=tuple(learned)))
+        out.append(Candidate("logreg_class", features=tuple(learned)))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection
+
+
+def stratified_folds(membership: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """(n,) fold index in [0, k), members and non-members spread evenly, deterministic for ``seed``."""
+    membership = np.asarray(membership)
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(membership), dtype=np.int64)
+    for cls in (0, 1):
+        idx = np.flatnonzero(membership == cls)
+        idx = idx[rng.permutation(len(idx))]
+        folds[idx] = np.arange(len(idx)) % k
+    return folds
+
+
+def _subset(feats: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[mask] for k, v in feats.items()}
+
+
+@dataclass
+class CandidateReport:
+    """How one candidate did: cross-validated on eval, in-sample on eval, and on test if known."""
+
+    name: str
+    description: str
+    cv: dict | None  # AttackMetrics of the pooled out-of-fold scores/predictions (None: in-sample selection)
+    eval: dict  # in-sample AttackMetrics after fitting on all of eval
+    fit: dict  # thresholds of the fit on all of eval
+    test: dict | None = None  # AttackMetrics on test when an answer key exists
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "cv": self.cv, "eval": self.eval,
+                "fit": self.fit, "test": self.test}
+
+
+@dataclass
+class Selection:
+    """The outcome of choosing an attack for one victim and task."""
+
+    chosen: str
+    selection: str  # "cv" | "in_sample"
+    folds: int | None
+    candidates: list[CandidateReport]
+    fitted: Fitted  # the chosen candidate refitted on all of eval
+    eval_scores: np.ndarray  # (n_eval,) chosen attack's scores on eval (in-sample)
+    test_scores: np.ndarray  # (n_test,)
+    test_predictions: np.ndarray  # (n_test,) int64 0/1
+    fitted_all: dict[str, Fitted] = field(default_factory=dict)
+
+    @property
+    def chosen_report(self) -> CandidateReport:
+        return next(c for c in self.candidates if c.name == self.chosen)
+
+
+def _one_standard_error_choice(reports: list[CandidateReport], n: int) -> str:
+    """The highest-CV-AUC candidate among those within one standard error of the best CV accuracy."""
+    best = max(r.cv["accuracy"] for r in reports)
+    se = float(np.sqrt(best * (1 - best) / max(n, 1)))
+    near = [r for r in reports if r.cv["accuracy"] >= best - se - 1e-12]
+    auc = lambda r: r.cv["auc"] if r.cv["auc"] is not None else -np.inf  # noqa: E731
+    return max(near, key=lambda r: (auc(r), -reports.index(r))).name
+
+
+def cross_validate(candidate: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, membership: np.ndarray,
+                   *, k: int = 5, seed: int = 0, min_class_count: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold (scores, predictions), each (n,): every record scored by a fit that never saw it."""
+    folds = stratified_folds(membership, k, seed)
+    scores = np.empty(len(membership), dtype=np.float64)
+    preds = np.empty(len(membership), dtype=np.int64)
+    for f in range(k):
+        held = folds == f
+        if not held.any():
+            continue
+        train = ~held
+        fitted = fit(candidate, _subset(feats, train), labels[train], membership[train],
+                     min_class_count=min_class_count, seed=seed)
+        held_feats = _subset(feats, held)
+        scores[held] = fitted.score(held_feats, labels[held])
+        preds[held] = fitted.predict(held_feats, labels[held])
+    return scores, preds
+
+
+def select(
+    candidates: tuple[Candidate, ...],
+    eval_feats: dict[str, np.ndarray],
+    eval_labels: np.ndarray,
+    eval_membership: np.ndarray,
+    test_feats: dict[str, np.ndarray],
+    test_labels: np.ndarray,
+    *,
+    selection: str = "cv",
+    k: int = 5,
+    seed: int = 0,
+    min_class_count: int = 20,
+    test_membership: np.ndarray | None = None,
+) -> Selection:
+    """Fit every candidate, choose one, and predict test membership with it refitted on all of eval.
+
+    selection="cv": among the candidates whose cross-validated accuracy is within one standard error
+    of the best (sqrt(acc (1 - acc) / n): differences smaller than that are noise), the one with the
+    highest cross-validated AUC, a steadier statistic than accuracy; remaining ties go to the earlier,
+    simpler candidate. selection="in_sample": highest accuracy on eval itself (the seed's method).
+    """
+    eval_membership = np.asarray(eval_membership, dtype=np.int64)
+    if selection not in ("cv", "in_sample"):
+        raise ValueError(f"selection must be 'cv' or 'in_sample', got {selection!r}")
+    reports: list[CandidateReport] = []
+    fitted_all: dict[str, Fitted] = {}
+    best_name, best_key = None, -np.inf
+    for c in candidates:
+        fitted = fit(c, eval_feats, eval_labels, eval_membership, min_class_count=min_class_count, seed=seed)
+        fitted_all[c.name] = fitted
+        in_scores = fitted.score(eval_feats, eval_labels)
+        in_metrics = attack_metrics(in_scores, fitted.predict(eval_feats, eval_labels), eval_membership)
+        cv = None
+        if selection == "cv":
+            oof_scores, oof_preds = cross_validate(c, eval_feats, eval_labels, eval_membership, k=k, seed=seed,
+                                                   min_class_count=min_class_count)
+            cv = attack_metrics(oof_scores, oof_preds, eval_membership)
+        test = None
+        if test_membership is not None:
+            test = attack_metrics(fitted.score(test_feats, test_labels), fitted.predict(test_feats, test_labels),
+                                  np.asarray(test_membership, dtype=np.int64)).to_dict()
+        reports.append(CandidateReport(c.name, c.describe(), cv.to_dict() if cv else None, in_metrics.to_dict(),
+                                       fitted.describe_fit(), test))
+        key = (cv or in_metrics).accuracy
+        if key > best_key + 1e-12:
+            best_name, best_key = c.name, key
+    if selection == "cv":
+        best_name = _one_standard_error_choice(reports, len(eval_membership))
+    chosen = fitted_all[best_name]
+    return Selection(
+        chosen=best_name,
+        selection=selection,
+        folds=k if selection == "cv" else None,
+        candidates=reports,
+        fitted=chosen,
+        eval_scores=chosen.score(eval_feats, eval_labels),
+        test_scores=chosen.score(test_feats, test_labels),
+        test_predictions=chosen.predict(test_feats, test_labels).astype(np.int64),
+        fitted_all=fitted_all,
+    )

@@ -1,0 +1,66 @@
+"""Content-keyed files under ``<bundle>/.cache/``: what a warm re-run reads instead of recomputing.
+
+Every entry is named by the sha256 of the files it was derived from, so an edited input simply
+misses the cache; entries are written atomically (temp file + rename) and read with
+``allow_pickle=False``, so a damaged or planted entry can at worst be ignored, never run code.
+A cache that cannot be written (read-only bundle) is skipped silently.
+
+* ``file_digest``: sha256 of a file, remembered for the process while the file's size, mtime and
+  inode stay the same (one run hashes each input once, not once per use).
+* ``cached_arrays``: named arrays as ``.npz``, validated by the caller before use (mia.data keeps
+  validated records under ``records/``, so the slow safe unpickling happens once per file content).
+"""
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mia.atomic import atomic_save_npz
+
+__all__ = ["cached_arrays", "file_digest"]
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex). Remembered per (path, device, inode, size, mtime) for the process."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = _DIGESTS[key] = h.hexdigest()
+    return digest
+
+
+def cached_arrays(entry: Path | None, build: Callable[[], dict[str, np.ndarray]],
+                  valid: Callable[[dict[str, np.ndarray]], bool]) -> tuple[dict[str, np.ndarray], bool]:
+    """Named arrays from the ``.npz`` file ``entry`` when it exists and ``valid`` accepts its arrays,
+    else ``build()``'s, stored there atomically. Returns (arrays, hit).
+
+    The cache knows nothing of what the arrays mean: ``valid`` (the caller's) decides whether an entry
+    can be used, so a damaged or planted entry is rebuilt. ``entry=None`` disables the cache; an entry
+    that cannot be written (read-only folder) is skipped."""
+    if entry is not None and entry.is_file():
+        try:
+            with np.load(entry, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            if valid(arrays):
+                return arrays, True
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # damaged entry: rebuilt below
+    arrays = build()
+    if entry is not None:
+        try:
+            atomic_save_npz(entry, **arrays)
+        except OSError:
+            pass  # read-only bundle: no cache, same arrays
+    return arrays, False

@@ -1,0 +1,255 @@
+"""The command line: ``python -m mia {run,inspect,check,demo,evaluate,references} ...``.
+
+Errors on bad input are the project's own (mia.errors): they print as one line and exit with
+status 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from mia.config import ACCESS_LEVELS, CHALLENGE_TASKS, RunConfig, TaskConfig
+from mia.errors import MIAError
+from mia.paths import REPO_ROOT, default_bundle
+
+def _parse_task_access(values: list[str] | None) -> tuple[TaskConfig, ...]:
+    """['1=posterior', '3=label'] -> tasks; unspecified tasks keep the challenge's access level."""
+    tasks = {t.task: t.access for t in CHALLENGE_TASKS}
+    for item in values or []:
+        k, sep, access = item.partition("=")
+        if not sep or not k.strip().isdigit() or access not in ACCESS_LEVELS:
+            raise MIAError(f"--task expects K=ACCESS with ACCESS in {ACCESS_LEVELS}, got {item!r}")
+        tasks[int(k)] = access
+    return tuple(TaskConfig(k, v) for k, v in sorted(tasks.items()))
+
+
+def _parse_noise_levels(text: str) -> tuple[float, ...]:
+    """'0.1,0.15' -> (0.1, 0.15); 'none' or '' -> () (no noisy queries)."""
+    if text.strip().lower() in ("", "none", "off"):
+        return ()
+    try:
+        levels = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise MIAError(f"--label-noise expects comma-separated positive numbers or 'none', got {text!r}") from None
+    if any(not x > 0 for x in levels):
+        raise MIAError(f"--label-noise levels must be positive, got {text!r}")
+    return levels
+
+
+def _config_from_args(args) -> RunConfig:
+    try:
+        return _run_config(args)
+    except ValueError as e:  # a value RunConfig refuses (--folds 1, --label-noise-draws 0, ...)
+        raise MIAError(f"invalid option: {e}") from e
+
+
+def _run_config(args) -> RunConfig:
+    return RunConfig(
+        tasks=_parse_task_access(args.task),
+        method=args.method,
+        views=args.views,
+        folds=args.folds,
+        seed=args.seed,
+        device=args.device,
+        batch_size=args.batch_size,
+        plots=not args.no_plots,
+        cache=not args.no_cache,
+        trust_checkpoints=args.trust_checkpoints,
+        keep_going=args.keep_going,
+        references=not args.no_references,
+        reference_views=args.reference_views,
+        label_noise=_parse_noise_levels(args.label_noise),
+        label_noise_draws=args.label_noise_draws,
+        victims=tuple(args.victims) if args.victims else None,
+    )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="challenge bundle folder (default: the repository root if it holds one, else demo/)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--method", choices=("strong", "seed"), default="strong",
+                   help="strong: every candidate, chosen by cross-validation (default); seed: the seed's method")
+    p.add_argument("--views", choices=("identity", "flip", "standard"), default="standard",
+                   help="query views per record (default: identity, flip and 8 shifts)")
+    p.add_argument("--folds", type=int, default=5, help="k of the k-fold cross-validation on eval")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--task", action="append", metavar="K=ACCESS",
+                   help="access level of task K: posterior or label (default 1=posterior 2=posterior 3=label)")
+    p.add_argument("--victims", nargs="+", metavar="ARCH_DATASET", help="only these victims, e.g. vgg16_cifar10")
+    p.add_argument("--no-plots", action="store_true", help="do not write results/plots/*.png")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write <bundle>/.cache (logits, validated records, figures)")
+    p.add_argument("--trust-checkpoints", action="store_true",
+                   help="allow checkpoints that are whole pickled models: loading them RUNS CODE from the file")
+    p.add_argument("--keep-going", action="store_true",
+                   help="when a victim fails, finish the others and report the failures at the end")
+    p.add_argument("--no-references", action="store_true",
+                   help="ignore reference models under <bundle>/references/ (LiRA/RMIA candidates)")
+    p.add_argument("--reference-views", choices=("identity", "flip", "standard"), default="flip",
+                   help="views the reference models are queried on (default flip: the image and its flip; each "
+                        "view costs one scoring pass per reference model)")
+    p.add_argument("--label-noise", default="0.1,0.15", metavar="S1,S2,...",
+                   help="task 3's noisy queries: Gaussian noise levels in units of the eval images' pixel standard "
+                        "deviation (default 0.1,0.15); 'none' turns them off")
+    p.add_argument("--label-noise-draws", type=int, default=8, metavar="N",
+                   help="noisy copies of the image, and N of its flip, per noise level (default 8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mia", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="score, choose, predict: write results/*.npy, result.json and plots")
+    _add_run_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("evaluate", help="compare the seed's method and ours on test with the bundle's answer key")
+    _add_run_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("inspect", help="what was understood of a bundle and what scoring it will cost; scores nothing")
+    p.add_argument("path", type=Path, nargs="?", default=None, metavar="BUNDLE", help="the bundle (or --bundle)")
+    _add_run_options(p)
+
+    p = sub.add_parser("check", help="validate an existing submission against the bundle's test files")
+    p.add_argument("bundle", type=Path, nargs="?", default=None)
+
+    p = sub.add_parser("demo", help="build the Fashion-MNIST demo bundle (cached)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "demo")
+    p.add_argument("--width", type=int, default=None, help="width of every victim (default: per-arch defaults)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--source", type=Path, default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long toy build (tests, smoke checks)")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date bundle exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    from mia import references
+
+    references.add_parser(sub)
+    return parser
+
+
+def _cmd_demo(args) -> int:
+    from mia.demo import DemoConfig, build_demo
+
+    overrides = {"seed": args.seed, "device": args.device, "source": args.source}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    cfg = DemoConfig.tiny(args.out, **overrides) if args.tiny else DemoConfig(out=args.out, **overrides)
+    if args.width is not None:
+        cfg.widths = {a: args.width for a in cfg.archs}
+    t0 = time.perf_counter()
+    res = build_demo(cfg, force=args.force, progress=not args.quiet)
+    state = "reused" if res.reused else f"built in {time.perf_counter() - t0:.0f}s"
+    print(f"demo bundle at {res.path} ({state})")
+    for v in res.victims:
+        print(f"  {v.arch}: width {v.width}, train acc {100 * v.train_acc:.1f}%, held-out acc "
+              f"{100 * v.holdout_acc:.1f}%, trained in {v.seconds:.0f}s")
+    return 0
+
+
+def _run(args, *, write: bool):
+    from mia import report
+    from mia.pipeline import run
+
+    config = _config_from_args(args)
+    bundle = args.bundle if args.bundle is not None else default_bundle(progress=not args.quiet)
+    print(f"bundle: {Path(bundle).resolve()}")
+    result = run(bundle, config, progress=not args.quiet)
+    if config.references and result.victims and not any(d.n_reference_models for d in result.victims.values()):
+        print("no reference models: LiRA / RMIA not used (train them with `python -m mia references`, "
+              "see README)")
+    if write:
+        from mia.submission import check_submission, write_run
+
+        written = write_run(result)
+        n_npy = sum(1 for k in written if k.endswith(".npy"))
+        n_png = sum(1 for k in written if k.endswith(".png"))
+        print(f"wrote {n_npy} prediction files, {n_png} plots and result.json under {result.bundle.root}")
+        if result.victims:
+            check_submission(result.bundle.root, tuple(t.task for t in config.tasks), set(result.victims),
+                             cache=config.cache)
+    print()
+    print(report.summary_table(result))
+    if any(d.answers is not None for d in result.victims.values()):
+        print()
+        print("On test, against the answer key (seed's method -> ours):")
+        print(report.comparison_table(result))
+        ref_table = report.reference_table(result)
+        if ref_table is not None:
+            print()
+            print("Reference-model attacks on test (one global threshold each), beside the seed's and ours:")
+            print(ref_table)
+    print(f"\ntotal {result.seconds:.1f}s")
+    if result.failures:
+        print(f"\n{len(result.failures)} failure(s):", file=sys.stderr)
+        for name, msg in result.failures.items():
+            print(f"  {name}: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from mia.inspection import inspect_bundle, total_line
+
+    config = _config_from_args(args)
+    root = args.path or args.bundle or default_bundle(build=False)
+    print(f"bundle: {Path(root).resolve()}")
+    summary = inspect_bundle(root, config, log=print)  # prints each victim as soon as it is loaded
+    if summary.victims:
+        print(total_line(summary))
+    if summary.problems:
+        print(f"\n{len(summary.problems)} problem(s):", file=sys.stderr)
+        for problem in summary.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from mia.submission import check_submission
+
+    root = args.bundle if args.bundle is not None else default_bundle(build=False)
+    rep = check_submission(root)
+    for line in rep.ok:
+        print(f"ok  {line}")
+    print(f"submission at {Path(root).resolve()} is valid ({len(rep.ok)} files)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args, write=True)
+        if args.command == "evaluate":
+            return _run(args, write=False)
+        if args.command == "check":
+            return _cmd_check(args)
+        if args.command == "inspect":
+            return _cmd_inspect(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
+        if args.command == "references":
+            from mia import references
+
+            if args.bundle is None:
+                args.bundle = default_bundle(progress=not args.quiet)
+            return references.run_cli(args)
+    except MIAError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2

@@ -1,0 +1,78 @@
+"""The run configuration shared by the notebook and the CLI."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+ACCESS_LEVELS = ("posterior", "label")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One challenge task and what the attacker may see."""
+
+    task: int  # K in results/task{K}_<arch>_<dataset>.npy
+    access: str  # "posterior": logits/probabilities of every query; "label": predicted labels only
+
+    def __post_init__(self):
+        if self.access not in ACCESS_LEVELS:
+            raise ValueError(f"task {self.task}: access must be one of {ACCESS_LEVELS}, got {self.access!r}")
+        if not isinstance(self.task, int) or self.task < 1:
+            raise ValueError(f"task number must be a positive int, got {self.task!r}")
+
+
+#: The challenge's three tasks: 1 and 2 see posteriors, 3 sees predicted labels only.
+CHALLENGE_TASKS = (TaskConfig(1, "posterior"), TaskConfig(2, "posterior"), TaskConfig(3, "label"))
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides a run's outputs. Written into result.json."""
+
+    tasks: tuple[TaskConfig, ...] = CHALLENGE_TASKS  # which tasks to produce and their access levels
+    method: str = "strong"  # "strong": all candidates, chosen by CV; "seed": the seed's method only
+    views: str = "standard"  # query views: "identity", "flip" or "standard" (identity, flip, 8 shifts)
+    folds: int = 5  # k of the stratified k-fold cross-validation on eval
+    seed: int = 0  # fold assignment and learned models
+    min_class_count: int = 20  # fewer eval records of a class -> the global threshold is used for it
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    batch_size: int = 256  # records per forward pass (each expands to one image per view)
+    plots: bool = True  # write results/plots/*.png
+    cache: bool = True  # cache logits, validated records and figures under <bundle>/.cache, keyed by contents
+    trust_checkpoints: bool = False  # allow checkpoints that are whole pickled models (runs their code)
+    keep_going: bool = False  # on a failing victim, finish the others and report the failure
+    references: bool = True  # use reference models under <bundle>/references/ when present (LiRA, RMIA)
+    reference_views: str = "flip"  # views the references are queried on (those of `views` in this set): each
+    #   reference model costs one victim scoring per view, so CPU runs keep image + flip (as LiRA does)
+    label_noise: tuple[float, ...] = (0.1, 0.15)  # label-only noisy queries: noise levels in units of the eval
+    #   images' pixel standard deviation; () turns them off
+    label_noise_draws: int = 8  # noisy copies of the image, and as many of its flip, per noise level
+    victims: tuple[str, ...] | None = None  # only these victims (<arch>_<dataset>); None = all
+    extra: dict = field(default_factory=dict)  # free-form notes carried into result.json
+
+    def __post_init__(self):
+        self.tasks = tuple(t if isinstance(t, TaskConfig) else TaskConfig(**t) for t in self.tasks)
+        if self.method not in ("strong", "seed"):
+            raise ValueError(f"method must be 'strong' or 'seed', got {self.method!r}")
+        if self.reference_views not in ("identity", "flip", "standard"):
+            raise ValueError(f"reference_views must be 'identity', 'flip' or 'standard', got {self.reference_views!r}")
+        self.label_noise = tuple(float(s) for s in self.label_noise)
+        if any(not s > 0 for s in self.label_noise):
+            raise ValueError(f"label_noise levels must be positive, got {self.label_noise}")
+        if self.label_noise_draws < 1:
+            raise ValueError(f"label_noise_draws must be at least 1, got {self.label_noise_draws}")
+        if self.folds < 2:
+            raise ValueError(f"folds must be at least 2, got {self.folds}")
+        if len({t.task for t in self.tasks}) != len(self.tasks):
+            raise ValueError("task numbers must be unique")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tasks"] = [asdict(t) for t in self.tasks]
+        d["victims"] = list(self.victims) if self.victims is not None else None
+        d["label_noise"] = list(self.label_noise)
+        return d
+
+    @classmethod
+    def with_tasks(cls, tasks: dict[int, str], **kwargs) -> "RunConfig":
+        """RunConfig.with_tasks({1: "posterior", 2: "posterior", 3: "label"}, ...)."""
+        return cls(tasks=tuple(TaskConfig(int(k), v) for k, v in sorted(tasks.items())), **kwargs)

@@ -1,0 +1,277 @@
+"""The challenge workflow: load -> score -> choose -> predict, per victim and task.
+
+``run`` does all of it for a bundle and returns a RunResult; ``mia.submission.write_run`` writes it.
+The notebook calls the same steps one by one (``score_victim``, ``attack_victim``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mia import attacks
+from mia.bundle import Bundle, Victim, discover
+from mia.config import RunConfig, TaskConfig
+from mia.data import Records
+from mia.errors import DataError, MIAError
+from mia.inspection import load_victim, summarize_victim
+from mia.models.loading import VictimModelInfo, builder_key
+from mia.models.registry import REPO_ARCH_DIR
+from mia.scoring import VIEW_SETS, View, cached_logits, compute_logits, noise_views
+from mia.thresholds import Sweep, sweep
+
+
+@dataclass
+class VictimData:
+    """A victim's records and the logits of its model on them under every query view."""
+
+    victim: Victim
+    info: VictimModelInfo
+    eval: Records
+    test: Records
+    answers: np.ndarray | None  # (n_test,) int64 test membership when the bundle has an answer key
+    view_names: list[str]
+    eval_logits: np.ndarray  # (V, n_eval, classes) float32
+    test_logits: np.ndarray  # (V, n_test, classes) float32
+    cache_hits: int  # how many of the two logit arrays came from the cache
+    seconds: float  # wall time of loading and scoring
+    reference: dict[str, dict[str, np.ndarray]] | None = None  # LiRA/RMIA features per split, if any
+    reference_label: dict[str, dict[str, np.ndarray]] | None = None  # label-only reference features per split
+    n_reference_models: int = 0
+    noise_levels: list[float] = field(default_factory=list)  # noise level (config.label_noise units) of each noisy query
+    noise_view_names: list[str] = field(default_factory=list)  # View.name of each noisy query
+    eval_noise_labels: np.ndarray | None = None  # (Q, n_eval) int64 predicted labels of the noisy queries
+    test_noise_labels: np.ndarray | None = None  # (Q, n_test)
+
+    def posterior(self, split: str) -> dict[str, np.ndarray]:
+        """Signals for posterior access on 'eval' or 'test' (with LiRA/RMIA when references exist)."""
+        recs, logits = (self.eval, self.eval_logits) if split == "eval" else (self.test, self.test_logits)
+        feats = attacks.posterior_features(logits, recs.labels, self.view_names)
+        if self.reference is not None:
+            feats.update(self.reference[split])
+        return feats
+
+    def predicted_labels(self, split: str) -> np.ndarray:
+        """(V, n) int64 predicted labels: all that a label-only attacker gets to see."""
+        logits = self.eval_logits if split == "eval" else self.test_logits
+        return logits.argmax(axis=-1).astype(np.int64)
+
+    def label_only(self, split: str) -> dict[str, np.ndarray]:
+        """Features for label-only access: from the victim's predicted labels (and reference models)."""
+        recs = self.eval if split == "eval" else self.test
+        noisy = self.eval_noise_labels if split == "eval" else self.test_noise_labels
+        feats = attacks.label_only_features(self.predicted_labels(split), recs.labels, noisy,
+                                            self.noise_levels if noisy is not None else None)
+        if self.reference_label is not None:
+            feats.update(self.reference_label[split])
+        return feats
+
+    def model_accuracy(self) -> dict:
+        """The victim's classification accuracy on eval members / non-members (identity view)."""
+        pred = self.eval_logits[0].argmax(-1)
+        correct = pred == self.eval.labels
+        m = self.eval.membership == 1
+        return {"members": float(correct[m].mean()), "non_members": float(correct[~m].mean())}
+
+
+def load_answers(victim: Victim, n_test: int) -> np.ndarray | None:
+    """The answer key (test membership) if the bundle has one, validated against the test file."""
+    if victim.answers_path is None:
+        return None
+    try:
+        ans = np.load(victim.answers_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"unreadable answer key ({e})", victim.answers_path) from e
+    if ans.ndim != 1 or len(ans) != n_test:
+        raise DataError(f"answer key has shape {ans.shape}, expected ({n_test},) like the test file", victim.answers_path)
+    if not np.isin(ans, (0, 1)).all():
+        raise DataError("answer key values must be 0 or 1", victim.answers_path)
+    return ans.astype(np.int64)
+
+
+def label_noise_queries(eval_images: np.ndarray, config: RunConfig) -> tuple[tuple[View, ...], list[float]]:
+    """The label-only attack's noisy query views and the level (in config.label_noise units) of each.
+
+    Levels are relative to the pixel standard deviation of the eval images (rounded to 4 significant
+    digits, so the views' names, and the cache keys made of them, are stable)."""
+    scale = float(f"{float(np.std(eval_images, dtype=np.float64)):.4g}") or 1.0
+    views = noise_views(tuple(s * scale for s in config.label_noise), config.label_noise_draws)
+    return views, [s for s in config.label_noise for _ in range(2 * config.label_noise_draws)]
+
+
+def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> VictimData:
+    """Load the victim's model and records and compute (or fetch from the cache) their logits.
+    ``log``, when given, receives the victim's summary (mia.inspection) before scoring starts."""
+    t0 = time.perf_counter()
+    model, info, eval_recs, test_recs = load_victim(victim, bundle, config)
+    if log is not None:
+        log("\n".join(summarize_victim(victim, model, info, eval_recs, test_recs, config, bundle.root).lines()))
+    answers = load_answers(victim, len(test_recs))
+    views = VIEW_SETS[config.views]
+    cache_dir = bundle.root / ".cache" / "logits" if config.cache else None
+
+    def scores(split: str, recs: Records, queries, suffix: str = "", labels_only: bool = False):
+        """(logits (V, n, C), or labels (V, n) with labels_only; cache hit) of the model on these records."""
+        def compute():
+            try:
+                return compute_logits(model, recs.images, queries, device=config.device, batch_size=config.batch_size,
+                                      progress=f"{victim.name} {split}{suffix}" if progress else False,
+                                      labels_only=labels_only)
+            except RuntimeError as e:  # shape errors from the model itself
+                raise MIAError(f"{victim.name}: the model failed on {split} images of shape "
+                               f"{recs.images.shape[1:]}: {e}") from e
+        return cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file, builder_key(info)),
+                             f"{victim.name}-{split}{suffix.replace(' ', '-')}", queries, compute,
+                             ndim=2 if labels_only else 3)
+
+    hits = 0
+    out = {}
+    for split, recs in (("eval", eval_recs), ("test", test_recs)):
+        logits, hit = scores(split, recs, views)
+        hits += hit
+        if logits.shape[-1] != info.num_classes:
+            raise MIAError(f"{victim.name}: model outputs {logits.shape[-1]} classes, weights say {info.num_classes}")
+        out[split] = logits
+    data = VictimData(victim, info, eval_recs, test_recs, answers, [v.name for v in views], out["eval"], out["test"],
+                      hits, 0.0)
+    if config.label_noise and any(t.access == "label" for t in config.tasks):
+        queries, data.noise_levels = label_noise_queries(eval_recs.images, config)
+        data.noise_view_names = [v.name for v in queries]
+        data.eval_noise_labels = scores("eval", eval_recs, queries, " noisy", labels_only=True)[0]
+        data.test_noise_labels = scores("test", test_recs, queries, " noisy", labels_only=True)[0]
+    if config.references:
+        from mia.reference_attacks import victim_reference_features
+
+        # the references are queried on the victim's views that are also in config.reference_views
+        allowed = {v.name for v in VIEW_SETS[config.reference_views]}
+        idx = [i for i, name in enumerate(data.view_names) if name in allowed]
+        ref = victim_reference_features(bundle.root, victim, data.eval_logits[idx], data.test_logits[idx],
+                                        eval_recs.labels, test_recs.labels, [data.view_names[i] for i in idx],
+                                        device=config.device, batch_size=config.batch_size, progress=progress,
+                                        noise_predicted=(data.eval_noise_labels, data.test_noise_labels)
+                                        if data.noise_view_names else None,
+                                        noise_view_names=data.noise_view_names or None)
+        if ref is not None:  # the label-only features come from the victim's predicted labels only
+            data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k
+    data.seconds = time.perf_counter() - t0
+    return data
+
+
+@dataclass
+class TaskOutcome:
+    """The attack used for one task on one victim, and the seed's method as the baseline."""
+
+    task: TaskConfig
+    victim: str
+    used: attacks.Selection  # what the submission's predictions come from
+    seed: attacks.Selection  # the seed's method on the same records
+    curves: dict[str, Sweep]  # accuracy-vs-threshold on eval for each single-signal candidate
+    eval_membership: np.ndarray  # (n_eval,)
+    eval_labels: np.ndarray  # (n_eval,)
+    eval_features: dict[str, np.ndarray]  # the features the attacks saw on eval (for figures)
+    answers: np.ndarray | None  # (n_test,) when known
+
+    @property
+    def file_name(self) -> str:
+        return f"task{self.task.task}_{self.victim}.npy"
+
+
+def attack_victim(data: VictimData, config: RunConfig) -> list[TaskOutcome]:
+    """Choose and apply an attack for every configured task of one victim.
+
+    Tasks with the same access level see the same features of the same records, so the attack is
+    chosen once per access level and shared (tasks 1 and 2 of the challenge)."""
+    m_eval = data.eval.membership
+    outcomes = []
+    by_access: dict[str, TaskOutcome] = {}
+    for task in config.tasks:
+        if task.access in by_access:
+            outcomes.append(dataclasses.replace(by_access[task.access], task=task))
+            continue
+        if task.access == "posterior":
+            ev, te = data.posterior("eval"), data.posterior("test")
+            seed_cands = attacks.SEED_POSTERIOR
+            strong_cands = attacks.strong_posterior_candidates(list(ev))
+        else:
+            ev, te = data.label_only("eval"), data.label_only("test")
+            seed_cands = attacks.SEED_LABEL_ONLY
+            strong_cands = attacks.strong_label_only_candidates(list(ev))
+        common = dict(k=config.folds, seed=config.seed, min_class_count=config.min_class_count,
+                      test_membership=data.answers)
+        seed_sel = attacks.select(seed_cands, ev, data.eval.labels, m_eval, te, data.test.labels,
+                                  selection="in_sample", **common)
+        used = seed_sel
+        if config.method == "strong":
+            used = attacks.select(strong_cands, ev, data.eval.labels, m_eval, te, data.test.labels,
+                                  selection="cv", **common)
+        curves = {name: sweep(values, m_eval) for name, values in ev.items() if not attacks.is_view_input(name)}
+        outcomes.append(TaskOutcome(task, data.victim.name, used, seed_sel, curves, m_eval, data.eval.labels, ev,
+                                    data.answers))
+        by_access[task.access] = outcomes[-1]
+    return outcomes
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced, before or after it is written."""
+
+    bundle: Bundle
+    config: RunConfig
+    victims: dict[str, VictimData] = field(default_factory=dict)
+    outcomes: list[TaskOutcome] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # victim name -> error message
+    seconds: float = 0.0
+
+
+def run(bundle: Bundle | str | Path, config: RunConfig | None = None, *, progress: bool = True,
+        log=print) -> RunResult:
+    """Score and attack every victim of ``bundle``. Writes nothing (see mia.submission.write_run).
+
+    A failing victim raises, unless ``config.keep_going``: then it is recorded in ``failures`` and
+    the other victims are finished.
+    """
+    config = config or RunConfig()
+    t0 = time.perf_counter()
+    wanted = list(config.victims) if config.victims is not None else None
+    if not isinstance(bundle, Bundle):
+        bundle = discover(bundle, strict=not config.keep_going, victims=wanted)
+    elif wanted is not None:
+        missing = sorted(set(wanted) - {v.name for v in bundle.victims})
+        if missing:
+            raise MIAError(f"{bundle.root}: no victim named {', '.join(missing)}")
+        bundle = Bundle(bundle.root, [v for v in bundle.victims if v.name in wanted], bundle.arch_dirs,
+                        bundle.problems)
+    result = RunResult(bundle, config)
+    for i, problem in enumerate(bundle.problems, 1):
+        log(f"warning: {problem}")
+        result.failures[f"bundle problem {i}"] = problem
+    bundle_code = sorted({p for files in bundle.architecture_files().values() for p in files
+                          if p.parent.resolve() != REPO_ARCH_DIR})
+    for path in bundle_code:
+        log(f"architecture code imported: {path}")
+    for victim in bundle.victims:
+        try:
+            data = score_victim(victim, bundle, config, progress=progress, log=log)
+            outcomes = attack_victim(data, config)
+        except MIAError as e:
+            if not config.keep_going:
+                raise
+            log(f"error: {victim.name}: {e}")
+            result.failures[victim.name] = str(e)
+            continue
+        result.victims[victim.name] = data
+        result.outcomes.extend(outcomes)
+        cached = " (logits from cache)" if data.cache_hits == 2 else ""
+        if data.reference is not None:
+            cached += f", {data.n_reference_models} reference models (LiRA, RMIA)"
+        if data.noise_levels:
+            cached += f", {len(data.noise_levels)} noisy label-only queries"
+        log(f"{victim.name}: {len(data.eval)} eval + {len(data.test)} test records, {len(data.view_names)} views, "
+            f"scored in {data.seconds:.1f}s{cached}")
+    result.seconds = time.perf_counter() - t0
+    return result

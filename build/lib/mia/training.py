@@ -1,0 +1,109 @@
+"""Training a classifier the way challenge victims are trained: SGD with momentum, cosine schedule,
+random flips and padded random crops. Used by the demo bundle's victims.
+
+Deterministic for a seed on a given device and thread count: every random number comes from one
+CPU generator.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
+    """Random horizontal flip (probability 1/2), then a random HxW crop of the image zero-padded by ``pad``.
+
+    x: (B, C, H, W) on any device; random numbers from ``generator`` (CPU). Returns a new tensor.
+    """
+    b, c, h, w = x.shape
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    shifts = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if pad == 0:
+        return x
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = shifts[0][:, None] + torch.arange(h, device=x.device)  # (B, H) rows of the padded image
+    cols = shifts[1][:, None] + torch.arange(w, device=x.device)  # (B, W)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A shuffled epoch of index batches; a trailing batch of one joins the one before (BatchNorm in
+    train mode cannot normalize a single record after the last pooling)."""
+    batches = list(torch.randperm(n, generator=generator).split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+def n_batches(n: int, batch_size: int) -> int:
+    """len(epoch_batches(n, batch_size, ...)) without drawing a permutation."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest > 1 or (rest == 1 and full == 0) else 0)
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How a classifier is trained."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.05  # peak learning rate; cosine decay to 0 per step
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True  # random flip + random crop of the image padded by ``pad``
+    pad: int = 2
+
+
+def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, recipe: TrainRecipe, *,
+                     seed: int, device: torch.device, desc: str = "training", progress: bool = True) -> dict:
+    """Train ``model`` in place on images (n, C, H, W) float32 and labels (n,) int.
+
+    channels_last and bf16 autocast on CUDA. On the CPU the default (NCHW) layout: with torch 2.14 the
+    multi-threaded CPU backward pass of ResNet34 in channels_last corrupts memory (segfault or "double
+    free") on batches of odd size, which the last batch of an epoch often is (see
+    tests/test_training.py). Returns {'seconds', 'final_loss', 'final_train_acc'} (the last epoch's
+    running figures, on augmented batches). The model ends in eval mode on the CPU, float32.
+    """
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    model = model.to(device).to(memory_format=memory_format)
+    generator = torch.Generator().manual_seed(seed)
+    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
+    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+    n = len(y_all)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs * n_batches(n, recipe.batch_size))
+    start = time.perf_counter()
+    loss_avg = acc = float("nan")
+    bar = tqdm(range(recipe.epochs), desc=desc, unit="epoch", disable=not progress, leave=True)
+    for _ in bar:
+        model.train()
+        total_loss, total_correct = 0.0, 0
+        for batch in epoch_batches(n, recipe.batch_size, generator):
+            batch = batch.to(device)
+            x, y = x_all[batch], y_all[batch]
+            if recipe.augment:
+                x = augment_batch(x, generator, recipe.pad)
+            x = x.contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += float(loss.detach()) * len(batch)
+            total_correct += int((logits.argmax(1) == y).sum())
+        loss_avg, acc = total_loss / n, total_correct / n
+        bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}")
+    model.cpu().float().eval()
+    return {"seconds": time.perf_counter() - start, "final_loss": loss_avg, "final_train_acc": acc}
