@@ -112,7 +112,7 @@ def render(machine: dict, results: dict[str, BenchResult], seconds: float) -> st
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _selected(args.only)  # fail fast on a typo
-    from mia.scoring import resolve_device
+    from mia.devices import resolve_device
 
     device = str(resolve_device(args.device))
     args.device = device

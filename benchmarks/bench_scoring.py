@@ -33,7 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import BenchResult, Check, best_ratio, fmt, interleaved, markdown_table, pair_ratio
 from mia.models.registry import REPO_ARCHITECTURES, repo_builder
-from mia.scoring import IDENTITY, compute_logits, resolve_device
+from mia.devices import resolve_device
+from mia.scoring import IDENTITY, compute_logits
 from mia.signals import all_signals
 
 ARCHS = ("resnet34", "vgg16", "mobilenetv2")

@@ -17,6 +17,7 @@ The seed's method (best in-sample eval accuracy among four global thresholds) is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
@@ -113,14 +114,29 @@ def label_only_features(predicted: np.ndarray, labels: np.ndarray, noise_predict
 # Candidates
 
 
+class AttackKind(StrEnum):
+    """How a candidate turns features into membership scores and predictions."""
+
+    GLOBAL = "global"  # one threshold on a signal
+    CLASS = "class"  # one threshold per true class on a signal (Song & Mittal 2021)
+    FIXED = "fixed"  # a given threshold, not fitted (the seed's task 3: correctness >= 0.5)
+    LOGREG = "logreg"  # logistic regression over several features, threshold swept
+    LOGREG_CLASS = "logreg_class"  # the same, each input also standardized within its true class
+    BOOSTING = "boosting"  # gradient boosting (available, not a default candidate)
+    SEED = "seed"  # the seed's whole procedure: the best of its signals, one global threshold
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One attack: a threshold on a signal (global or per class) or a learned combination."""
 
-    kind: str  # "global" | "class" | "fixed" | "logreg" | "logreg_class" | "boosting"
+    kind: AttackKind  # (plain strings with the same values are accepted)
     signal: str | None = None  # the feature thresholded (global/class/fixed); None for learned ones
     features: tuple[str, ...] = ()  # inputs of a learned combination
     fixed_threshold: float | None = None  # kind "fixed": the threshold used as is, never fitted
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", AttackKind(self.kind))
 
     @property
     def name(self) -> str:
@@ -130,6 +146,8 @@ class Candidate:
             return f"{self.signal}@class"
         if self.kind == "fixed":
             return f"{self.signal}>={self.fixed_threshold:g}"
+        if self.kind == "seed":
+            return "seed_method"
         return self.kind
 
     def describe(self) -> str:
@@ -139,6 +157,9 @@ class Candidate:
             return f"a threshold per true class on {self.signal} (Song & Mittal 2021)"
         if self.kind == "fixed":
             return f"member when {self.signal} >= {self.fixed_threshold:g} (fixed, not fitted)"
+        if self.kind == "seed":
+            return (f"the seed's method: of {', '.join(self.features)}, the signal with the best accuracy on the "
+                    "records it is fitted on, with its best global threshold")
         model = {"logreg": "logistic regression", "logreg_class": "logistic regression (each input also "
                  "standardized within its true class)", "boosting": "gradient boosting"}[self.kind]
         return f"{model} over {', '.join(self.features)}, trained on eval, threshold swept"
@@ -153,9 +174,12 @@ class Fitted:
     class_thresholds: ClassThresholds | None = None
     model: object = None
     class_stats: dict | None = None  # logreg_class: label -> (mean, std) of each input on the fit records
+    inner: Fitted | None = None  # kind "seed": the global-threshold fit of the signal it picked
 
     def score(self, feats: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
         c = self.candidate
+        if self.inner is not None:
+            return self.inner.score(feats, labels)
         if c.kind in ("global", "fixed"):
             return np.asarray(feats[c.signal], dtype=np.float64)
         if c.kind == "class":
@@ -164,6 +188,8 @@ class Fitted:
 
     def predict(self, feats: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
         c = self.candidate
+        if self.inner is not None:
+            return self.inner.predict(feats, labels)
         if c.kind in ("global", "fixed"):
             return predict(feats[c.signal], self.threshold)
         if c.kind == "class":
@@ -172,6 +198,8 @@ class Fitted:
 
     def describe_fit(self) -> dict:
         """JSON-ready parameters of the fit."""
+        if self.inner is not None:
+            return {"signal": self.inner.candidate.signal, **self.inner.describe_fit()}
         if self.candidate.kind == "class":
             ct = self.class_thresholds
             return {
@@ -242,6 +270,13 @@ def fit(candidate: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, 
         return Fitted(c, threshold=float(c.fixed_threshold))
     if c.kind == "global":
         return Fitted(c, threshold=sweep(feats[c.signal], membership).best_threshold)
+    if c.kind == "seed":  # the seed's whole procedure, so that cross-validation measures it honestly
+        best, best_acc = None, -np.inf
+        for name in c.features:
+            sw = sweep(feats[name], membership)
+            if sw.best_accuracy > best_acc + 1e-12:
+                best, best_acc = Fitted(Candidate("global", name), threshold=sw.best_threshold), sw.best_accuracy
+        return Fitted(c, threshold=best.threshold, inner=best)
     if c.kind == "class":
         return Fitted(c, class_thresholds=sweep_per_class(feats[c.signal], membership, labels, min_count=min_class_count))
     x = _matrix(feats, c.features)
@@ -266,6 +301,10 @@ def fit(candidate: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, 
 SEED_POSTERIOR = tuple(Candidate("global", s) for s in sig.SEED_SIGNALS)
 #: The seed's task 3: member exactly when the record is classified correctly.
 SEED_LABEL_ONLY = (Candidate("fixed", "correctness", fixed_threshold=0.5),)
+#: The seed's method as one candidate among ours (its signal choice inside each fit): its cross-validated
+#: accuracy is the floor no chosen attack may fall below (see select's ``floor``).
+SEED_POSTERIOR_CANDIDATE = Candidate("seed", features=tuple(sig.SEED_SIGNALS))
+SEED_LABEL_ONLY_CANDIDATE = SEED_LABEL_ONLY[0]
 
 
 def strong_posterior_candidates(feature_names: list[str]) -> tuple[Candidate, ...]:
@@ -279,6 +318,8 @@ def strong_posterior_candidates(feature_names: list[str]) -> tuple[Candidate, ..
     out = [Candidate("global", n) for n in names] + [Candidate("class", n) for n in names]
     out.append(Candidate("logreg", features=learned))
     out.append(Candidate("logreg_class", features=learned))
+    if all(n in feature_names for n in SEED_POSTERIOR_CANDIDATE.features):
+        out.append(SEED_POSTERIOR_CANDIDATE)
     return tuple(out)
 
 
@@ -305,6 +346,8 @@ def strong_label_only_candidates(feature_names: list[str]) -> tuple[Candidate, .
     if len(learned) > 1:
         out.append(Candidate("logreg", features=tuple(learned)))
         out.append(Candidate("logreg_class", features=tuple(learned)))
+    if "correctness" in feature_names:
+        out.append(SEED_LABEL_ONLY_CANDIDATE)
     return tuple(out)
 
 
@@ -363,11 +406,13 @@ class Selection:
         return next(c for c in self.candidates if c.name == self.chosen)
 
 
-def _one_standard_error_choice(reports: list[CandidateReport], n: int) -> str:
-    """The highest-CV-AUC candidate among those within one standard error of the best CV accuracy."""
+def _one_standard_error_choice(reports: list[CandidateReport], n: int, floor: str | None = None) -> str:
+    """The highest-CV-AUC candidate among those within one standard error of the best CV accuracy and,
+    with ``floor`` (a candidate's name), whose CV accuracy is at least that candidate's."""
     best = max(r.cv["accuracy"] for r in reports)
     se = float(np.sqrt(best * (1 - best) / max(n, 1)))
-    near = [r for r in reports if r.cv["accuracy"] >= best - se - 1e-12]
+    least = next((r.cv["accuracy"] for r in reports if r.name == floor), -np.inf)
+    near = [r for r in reports if r.cv["accuracy"] >= max(best - se, least) - 1e-12]
     auc = lambda r: r.cv["auc"] if r.cv["auc"] is not None else -np.inf  # noqa: E731
     return max(near, key=lambda r: (auc(r), -reports.index(r))).name
 
@@ -404,13 +449,16 @@ def select(
     seed: int = 0,
     min_class_count: int = 20,
     test_membership: np.ndarray | None = None,
+    floor: str | None = None,
 ) -> Selection:
     """Fit every candidate, choose one, and predict test membership with it refitted on all of eval.
 
     selection="cv": among the candidates whose cross-validated accuracy is within one standard error
     of the best (sqrt(acc (1 - acc) / n): differences smaller than that are noise), the one with the
     highest cross-validated AUC, a steadier statistic than accuracy; remaining ties go to the earlier,
-    simpler candidate. selection="in_sample": highest accuracy on eval itself (the seed's method).
+    simpler candidate. ``floor`` names a candidate (the seed's method) whose cross-validated accuracy
+    no chosen candidate may fall below: it is always eligible itself, so the choice is never worse
+    than it by its own honest estimate. selection="in_sample": highest accuracy on eval itself.
     """
     eval_membership = np.asarray(eval_membership, dtype=np.int64)
     if selection not in ("cv", "in_sample"):
@@ -438,7 +486,7 @@ def select(
         if key > best_key + 1e-12:
             best_name, best_key = c.name, key
     if selection == "cv":
-        best_name = _one_standard_error_choice(reports, len(eval_membership))
+        best_name = _one_standard_error_choice(reports, len(eval_membership), floor)
     chosen = fitted_all[best_name]
     return Selection(
         chosen=best_name,

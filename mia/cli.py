@@ -68,16 +68,17 @@ def _run_config(args) -> RunConfig:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    d = RunConfig()  # the one source of defaults: every default below is read from it
     p.add_argument("--bundle", type=Path, default=None,
                    help="challenge bundle folder (default: the repository root if it holds one, else demo/)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--method", choices=("strong", "seed"), default="strong",
+    p.add_argument("--device", default=d.device, help=f"auto (cuda if available), cpu, cuda, cuda:N (default {d.device})")
+    p.add_argument("--method", choices=("strong", "seed"), default=d.method,
                    help="strong: every candidate, chosen by cross-validation (default); seed: the seed's method")
-    p.add_argument("--views", choices=("identity", "flip", "standard"), default="standard",
+    p.add_argument("--views", choices=("identity", "flip", "standard"), default=d.views,
                    help="query views per record (default: identity, flip and 8 shifts)")
-    p.add_argument("--folds", type=int, default=5, help="k of the k-fold cross-validation on eval")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--folds", type=int, default=d.folds, help=f"k of the k-fold cross-validation on eval (default {d.folds})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--task", action="append", metavar="K=ACCESS",
                    help="access level of task K: posterior or label (default 1=posterior 2=posterior 3=label)")
     p.add_argument("--victims", nargs="+", metavar="ARCH_DATASET", help="only these victims, e.g. vgg16_cifar10")
@@ -89,14 +90,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="when a victim fails, finish the others and report the failures at the end")
     p.add_argument("--no-references", action="store_true",
                    help="ignore reference models under <bundle>/references/ (LiRA/RMIA candidates)")
-    p.add_argument("--reference-views", choices=("identity", "flip", "standard"), default="flip",
+    p.add_argument("--reference-views", choices=("identity", "flip", "standard"), default=d.reference_views,
                    help="views the reference models are queried on (default flip: the image and its flip; each "
                         "view costs one scoring pass per reference model)")
-    p.add_argument("--label-noise", default="0.1,0.15", metavar="S1,S2,...",
+    p.add_argument("--label-noise", default=",".join(f"{x:g}" for x in d.label_noise) or "none", metavar="S1,S2,...",
                    help="task 3's noisy queries: Gaussian noise levels in units of the eval images' pixel standard "
-                        "deviation (default 0.1,0.15); 'none' turns them off")
-    p.add_argument("--label-noise-draws", type=int, default=8, metavar="N",
-                   help="noisy copies of the image, and N of its flip, per noise level (default 8)")
+                        f"deviation (default {','.join(f'{x:g}' for x in d.label_noise) or 'none'}); 'none' turns them off")
+    p.add_argument("--label-noise-draws", type=int, default=d.label_noise_draws, metavar="N",
+                   help=f"noisy copies of the image, and N of its flip, per noise level (default {d.label_noise_draws})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,8 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 
-ACCESS_LEVELS = ("posterior", "label")
+
+class Access(StrEnum):
+    """What an attacker of a task sees of the model's answers (values as written in result.json)."""
+
+    POSTERIOR = "posterior"  # logits / probabilities of every query
+    LABEL = "label"  # predicted labels only
+
+
+ACCESS_LEVELS = tuple(a.value for a in Access)
 
 
 @dataclass(frozen=True)
@@ -11,17 +20,18 @@ class TaskConfig:
     """One challenge task and what the attacker may see."""
 
     task: int  # K in results/task{K}_<arch>_<dataset>.npy
-    access: str  # "posterior": logits/probabilities of every query; "label": predicted labels only
+    access: Access  # Access.POSTERIOR or Access.LABEL (the strings "posterior" / "label" are accepted)
 
     def __post_init__(self):
         if self.access not in ACCESS_LEVELS:
             raise ValueError(f"task {self.task}: access must be one of {ACCESS_LEVELS}, got {self.access!r}")
+        object.__setattr__(self, "access", Access(self.access))
         if not isinstance(self.task, int) or self.task < 1:
             raise ValueError(f"task number must be a positive int, got {self.task!r}")
 
 
 #: The challenge's three tasks: 1 and 2 see posteriors, 3 sees predicted labels only.
-CHALLENGE_TASKS = (TaskConfig(1, "posterior"), TaskConfig(2, "posterior"), TaskConfig(3, "label"))
+CHALLENGE_TASKS = (TaskConfig(1, Access.POSTERIOR), TaskConfig(2, Access.POSTERIOR), TaskConfig(3, Access.LABEL))
 
 
 @dataclass

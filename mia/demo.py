@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from mia.checkpoints import save_checkpoint
 from mia.data import save_records
+from mia.devices import resolve_device
 from mia.errors import DataError, MIAError
 from mia.models.registry import REPO_ARCH_DIR, REPO_ARCHITECTURES, repo_builder
 from mia.thresholds import sweep
@@ -416,14 +417,6 @@ def split_indices(config: DemoConfig, arch: str, pool_size: int = POOL_SIZE) -> 
     return splits
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MIAError("device='cuda' but CUDA is not available")
-    return torch.device(device)
-
-
 @torch.no_grad()
 def _logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
     """float64 logits (n, C) on the CPU, model in eval mode."""
@@ -522,7 +515,7 @@ def build_demo(config: DemoConfig | None = None, *, force: bool = False, progres
         if manifest is not None:
             return DemoResult(path=out, reused=True, victims=_victims_from_manifest(manifest), manifest=manifest)
     _check_replaceable(out)
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     source = find_fashion_mnist(config.source)
     images, labels = load_fashion_mnist(source)
 

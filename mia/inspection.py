@@ -20,7 +20,8 @@ from mia.config import RunConfig
 from mia.data import Records, load_records
 from mia.errors import DataError, MIAError
 from mia.models.loading import VictimModelInfo, load_victim_model
-from mia.scoring import CPU_FORWARD_IMAGES, VIEW_SETS, resolve_device
+from mia.devices import resolve_device
+from mia.scoring import CPU_FORWARD_IMAGES, VIEW_SETS
 
 __all__ = ["BundleSummary", "VictimSummary", "format_summary", "inspect_bundle", "total_line", "load_victim", "summarize_victim"]
 

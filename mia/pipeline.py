@@ -207,8 +207,10 @@ def attack_victim(data: VictimData, config: RunConfig) -> list[TaskOutcome]:
                                   selection="in_sample", **common)
         used = seed_sel
         if config.method == "strong":
+            floor = (attacks.SEED_POSTERIOR_CANDIDATE if task.access == "posterior"
+                     else attacks.SEED_LABEL_ONLY_CANDIDATE).name
             used = attacks.select(strong_cands, ev, data.eval.labels, m_eval, te, data.test.labels,
-                                  selection="cv", **common)
+                                  selection="cv", floor=floor, **common)
         curves = {name: sweep(values, m_eval) for name, values in ev.items() if not attacks.is_view_input(name)}
         outcomes.append(TaskOutcome(task, data.victim.name, used, seed_sel, curves, m_eval, data.eval.labels, ev,
                                     data.answers))

@@ -196,7 +196,7 @@ def outcome_figure_specs(outcome, max_roc_lines: int = 6) -> list[FigureSpec]:
     sel = outcome.used
     label = f"task {outcome.task.task} ({outcome.task.access}) - {outcome.victim}"
     specs = [FigureSpec("accuracy_vs_threshold", accuracy_vs_threshold, dict(
-        curves=outcome.curves, title=f"{label}: eval accuracy vs threshold", chosen=sel.fitted.candidate.signal))]
+        curves=outcome.curves, title=f"{label}: eval accuracy vs threshold", chosen=(sel.fitted.inner or sel.fitted).candidate.signal))]
     # ROC: the chosen attack, the seed's, and the best other candidates by (CV) accuracy
     ranked = sorted(sel.candidates, key=lambda c: -(c.cv or c.eval)["accuracy"])
     names = [sel.chosen] + [c.name for c in ranked if c.name != sel.chosen][: max_roc_lines - 2]

@@ -59,7 +59,8 @@ from mia.models.loading import load_into
 from mia.models.discovery import Architecture, discover_architecture
 from mia.models.registry import REPO_ARCH_DIR
 from mia.cache import file_digest
-from mia.scoring import IDENTITY, View, compute_logits, resolve_device
+from mia.devices import resolve_device
+from mia.scoring import IDENTITY, View, compute_logits
 from mia.training import TrainRecipe, train_classifier
 
 __all__ = [

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from mia.atomic import atomic_save_npy
 from mia.cache import file_digest
+from mia.devices import resolve_device
 
 CACHE_FORMAT = 2  # bump when the logits a cache file holds would change
 #: On the CPU a forward pass takes at most this many images: larger batches fall out of the CPU caches
@@ -106,13 +107,6 @@ def apply_view(images: torch.Tensor, view: View) -> torch.Tensor:
         pattern = noise_pattern(tuple(out.shape[1:]), view.draw).to(out.device, out.dtype)
         out = out + view.noise * pattern
     return out
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' / None -> cuda when available, else cpu."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.inference_mode()

@@ -307,18 +307,23 @@ def test_candidate_names_and_lists():
     assert with_views[-1].features == ("confidence", "aug_mean_lsc", "view1_lsc", "view2_lsc")
     label = attacks.strong_label_only_candidates(["correctness", "aug_correct_count"])
     assert [c.name for c in label] == ["correctness", "aug_correct_count", "correctness@class",
-                                       "aug_correct_count@class", "logreg", "logreg_class"]
-    assert label[-1].features == ("correctness", "aug_correct_count")
-    assert [c.name for c in attacks.strong_label_only_candidates(["correctness"])] == ["correctness", "correctness@class"]
+                                       "aug_correct_count@class", "logreg", "logreg_class", "correctness>=0.5"]
+    # the seed's method is a candidate (last) whenever its four signals are there
+    full = [c.name for c in attacks.strong_posterior_candidates(list(sig.SEED_SIGNALS) + ["hinge"])]
+    assert full[-1] == "seed_method" and full.count("seed_method") == 1
+    assert label[-2].features == ("correctness", "aug_correct_count")
+    assert [c.name for c in attacks.strong_label_only_candidates(["correctness"])] == ["correctness", "correctness@class",
+                                                                                     "correctness>=0.5"]
     # noisy queries: the pooled fraction is thresholded, the per-level fractions feed the learned ones,
     # which then leave out the image's own correctness
     names = ["correctness", "aug_correct_count", "noise_correct", "sigma0.1_correct", "sigma0.2_correct", "label_lira"]
     label = attacks.strong_label_only_candidates(names)
     assert [c.name for c in label][:4] == ["correctness", "aug_correct_count", "noise_correct", "label_lira"]
-    assert [c.name for c in label][-2:] == ["logreg", "logreg_class"]
-    assert label[-1].features == ("aug_correct_count", "label_lira", "sigma0.1_correct", "sigma0.2_correct")
+    assert [c.name for c in label][-3:] == ["logreg", "logreg_class", "correctness>=0.5"]
+    assert label[-2].features == ("aug_correct_count", "label_lira", "sigma0.1_correct", "sigma0.2_correct")
     pooled = attacks.strong_label_only_candidates(["correctness", "noise_correct"])
-    assert [c.name for c in pooled] == ["correctness", "noise_correct", "correctness@class", "noise_correct@class"]
+    assert [c.name for c in pooled] == ["correctness", "noise_correct", "correctness@class", "noise_correct@class",
+                                        "correctness>=0.5"]
     with pytest.raises(ValueError):
         select(attacks.SEED_POSTERIOR, {}, np.zeros(2, np.int64), np.zeros(2), {}, np.zeros(2, np.int64),
                selection="best")
@@ -351,3 +356,51 @@ def test_one_standard_error_rule_prefers_higher_auc_among_near_ties():
     assert attacks._one_standard_error_choice(reports, 2500) == "b"  # c is 0.015 below: too far
     reports = [report("a", 0.600, 0.60), report("b", 0.600, 0.60)]
     assert attacks._one_standard_error_choice(reports, 2500) == "a"  # full tie: the earlier one
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed's method as a floor
+
+
+def _cv_report(name, acc, auc):
+    return attacks.CandidateReport(name, name, {"accuracy": acc, "auc": auc}, {}, {})
+
+
+def test_floor_excludes_candidates_below_the_seed_even_within_one_standard_error():
+    # n = 500: one standard error at 60 % is 2.2 points; "fancy" is within it but below the seed's CV accuracy
+    reports = [_cv_report("fancy", 0.595, 0.70), _cv_report("other", 0.605, 0.62), _cv_report("seed_method", 0.60, 0.61)]
+    assert attacks._one_standard_error_choice(reports, 500) == "fancy"  # the rule without a floor
+    assert attacks._one_standard_error_choice(reports, 500, "seed_method") == "other"
+    reports[1] = _cv_report("other", 0.59, 0.62)
+    assert attacks._one_standard_error_choice(reports, 500, "seed_method") == "seed_method"
+
+
+def test_seed_candidate_fits_what_the_seeds_in_sample_choice_fits():
+    rng = np.random.default_rng(3)
+    m = np.tile([0, 1], 100)
+    feats = {s: rng.normal(size=200) + (1.5 if s == "neg_loss" else 0.1) * m for s in sig.SEED_SIGNALS}
+    labels = rng.integers(0, 10, 200)
+    seed_sel = attacks.select(attacks.SEED_POSTERIOR, feats, labels, m, feats, labels, selection="in_sample")
+    fitted = attacks.fit(attacks.SEED_POSTERIOR_CANDIDATE, feats, labels, m)
+    assert seed_sel.chosen == "neg_loss"
+    assert fitted.inner.candidate.signal == "neg_loss"
+    assert fitted.threshold == seed_sel.fitted.threshold
+    np.testing.assert_array_equal(fitted.predict(feats, labels), seed_sel.fitted.predict(feats, labels))
+    assert fitted.describe_fit() == {"signal": "neg_loss", "threshold": seed_sel.fitted.threshold}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chosen_attack_is_never_below_the_seed_by_cross_validation(seed):
+    """Small eval sets (n = 120), weak signals, many noisy candidates: the chosen candidate's CV accuracy
+    is at least the seed method's own CV accuracy."""
+    rng = np.random.default_rng(seed)
+    n = 120
+    m = rng.permutation(np.tile([0, 1], n // 2))
+    labels = rng.integers(0, 10, n)
+    names = list(sig.SEED_SIGNALS) + ["hinge", "logit_scaled_confidence"]
+    feats = {s: rng.normal(size=n) + rng.uniform(0, 0.5) * m for s in names}
+    cands = attacks.strong_posterior_candidates(names)
+    sel = attacks.select(cands, feats, labels, m, feats, labels, selection="cv", floor="seed_method",
+                         min_class_count=5)
+    cv = {r.name: r.cv["accuracy"] for r in sel.candidates}
+    assert cv[sel.chosen] >= cv["seed_method"] - 1e-12

@@ -155,6 +155,7 @@ def test_scoring_peak_fraction_and_threads():
 # End to end and the CLI
 
 
+@pytest.mark.slow
 def test_end_to_end_on_tiny_bundle(tiny_bundle):
     from benchmarks.bench_end_to_end import EndToEndConfig
     from benchmarks.bench_end_to_end import run as run_e2e

@@ -71,6 +71,7 @@ def test_check_rejects_a_broken_submission(submitted, tmp_path, capsys):
     assert "task3_vgg16_fashionmnist.npy" in err and "dtype float64" in err
 
 
+@pytest.mark.slow
 def test_run_with_plots(tiny_bundle, tmp_path):
     root = _single_victim_bundle(tiny_bundle, tmp_path / "bundle", "vgg16")
     proc = _mia("run", "--bundle", str(root), "--quiet", "--method", "seed", "--views", "flip")
@@ -94,6 +95,7 @@ def test_evaluate_prints_the_comparison(tiny_bundle, copy_bundle, tmp_path, caps
     assert not (root / "result.json").exists() and not (root / "results").exists()  # evaluate writes nothing
 
 
+@pytest.mark.slow
 def test_bad_bundle_is_one_line_and_exit_2(tmp_path):
     proc = _mia("run", "--bundle", str(tmp_path / "nowhere"), "--quiet")
     assert proc.returncode == 2
@@ -103,6 +105,7 @@ def test_bad_bundle_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
     proc = _mia("--debug", "run", "--bundle", str(tmp_path / "nowhere"), "--quiet")
     assert proc.returncode != 0
@@ -157,3 +160,11 @@ def test_run_one_victim_of_many(tiny_bundle, copy_bundle, tmp_path, capsys):
     assert sorted(p.name for p in (root / "results").glob("*.npy")) == [
         f"task{t}_vgg16_fashionmnist.npy" for t in (1, 2, 3)]
     assert code == 0
+
+
+def test_run_options_default_to_run_config():
+    from mia.cli import _config_from_args, build_parser
+    from mia.config import RunConfig
+
+    for command in ("run", "evaluate", "inspect"):
+        assert _config_from_args(build_parser().parse_args([command])) == RunConfig()

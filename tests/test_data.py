@@ -331,6 +331,7 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
 
 
+@pytest.mark.slow
 @_FUZZ
 @given(data=st.binary(max_size=300), with_membership=st.booleans())
 def test_fuzz_arbitrary_bytes(fuzz_dir: Path, data: bytes, with_membership: bool) -> None:
@@ -345,6 +346,7 @@ _SEED_PICKLES = [
 ]
 
 
+@pytest.mark.slow
 @_FUZZ
 @given(
     seed=st.sampled_from(_SEED_PICKLES),
@@ -380,6 +382,7 @@ _record_like = st.lists(
 )
 
 
+@pytest.mark.slow
 @_FUZZ
 @given(obj=_objects | _record_like, protocol=st.integers(0, pickle.HIGHEST_PROTOCOL),
        with_membership=st.booleans())

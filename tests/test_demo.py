@@ -338,6 +338,7 @@ def _assert_same_records(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(ra.membership, rb.membership)
 
 
+@pytest.mark.slow
 def test_tiny_build_is_deterministic_and_cached(tiny_bundle, tmp_path):
     config = demo.DemoConfig.tiny(tmp_path / "again")
     second = demo.build_demo(config, progress=False)
@@ -388,6 +389,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_interrupted_rebuild_keeps_the_old_bundle(tiny_bundle, tmp_path, monkeypatch):
     config = demo.DemoConfig.tiny(tmp_path / "demo", archs=("vgg16",))

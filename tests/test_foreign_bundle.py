@@ -9,6 +9,8 @@ import pytest
 from foreign import build_foreign_bundle
 from mia.cli import main
 
+pytestmark = pytest.mark.slow  # trains nothing, but scores three models end to end
+
 
 @pytest.fixture(scope="module")
 def foreign_bundle(tmp_path_factory):

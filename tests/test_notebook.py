@@ -36,6 +36,7 @@ def test_committed_notebook_has_no_outputs():
         assert f"{name} = " in source, f"parameters cell does not define {name}"
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless(tiny_bundle, copy_bundle, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

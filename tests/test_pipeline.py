@@ -326,6 +326,7 @@ def test_run_config_validation():
 # Failures
 
 
+@pytest.mark.slow
 def test_failing_victim_leaves_earlier_results_untouched(tiny_bundle, copy_bundle, tmp_path, capsys):
     root = copy_bundle(tiny_bundle, tmp_path / "bundle")
     args = ["run", "--bundle", str(root), "--quiet", "--no-plots", "--method", "seed"]

@@ -28,6 +28,7 @@ def _count_drawings(monkeypatch) -> list:
     return drawn
 
 
+@pytest.mark.slow
 def test_cached_figures_are_copied_not_drawn(one_victim_run, tmp_path, monkeypatch):
     drawn = _count_drawings(monkeypatch)
     first = plots.save_run_plots(one_victim_run, tmp_path / "a", cache_dir=tmp_path / "cache")

@@ -43,6 +43,7 @@ def test_challenge_factory_with_torchvision_names(tmp_path, wrap):
     assert _same_outputs(loaded, model)
 
 
+@pytest.mark.slow
 def test_torchvision_checkpoint_wins_over_a_bundle_file_that_does_not_build_it(tmp_path):
     folder = _bundle_models(tmp_path, {"resnet34.py": RESNET_FILE})
     model = trained_like(torchvision.models.resnet34(num_classes=200))
@@ -53,6 +54,7 @@ def test_torchvision_checkpoint_wins_over_a_bundle_file_that_does_not_build_it(t
     assert _same_outputs(loaded, model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tv_name, arch", [("vgg16_bn", "vgg16"), ("mobilenet_v2", "mobilenetv2"),
                                            ("resnet18", "resnet18")])
 def test_torchvision_constructors_for_the_family(tv_name, arch):
@@ -138,6 +140,7 @@ def test_known_names_first_and_widths_only_where_taken(tmp_path):
     assert found.builder.classes_param is None  # positional: a known name's first parameter
 
 
+@pytest.mark.slow
 def test_meta_probing_draws_no_random_numbers_and_allocates_nothing(tmp_path):
     sd = torchvision.models.vgg16_bn(num_classes=3).state_dict()
     torch.manual_seed(0)

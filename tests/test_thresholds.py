@@ -258,6 +258,7 @@ def _loop_per_class(s, m, lab, min_count):
     return g, out, fb
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 60).flatmap(lambda n: st.tuples(
     st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 1.0, 2.0, np.inf]) | st.floats(-3, 3), min_size=n, max_size=n),

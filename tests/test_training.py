@@ -1,6 +1,8 @@
 """mia.training: the training loop of demo victims and reference models."""
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,7 @@ from mia.training import TrainRecipe, augment_batch, epoch_batches, n_batches, t
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_resnet34_trains_on_odd_batches_with_two_threads():
     """Regression: channels_last + 2 threads made ResNet34's CPU backward corrupt memory on odd batch sizes
     (segfault or 'double free' in torch 2.14). Run in a child so that a crash fails this test only."""
