@@ -8,7 +8,7 @@ signals per record, on the same model weights, on the same device:
   notebook solutions typically do;
 * project (``project_scoring``): ``mia.scoring.compute_logits`` (identity view, batch 256; bf16
   autocast on CUDA, fp32 on the CPU, in the memory format it chooses) then
-  ``mia.signals.all_signals`` (all seven signals, vectorized, float64).
+  ``mia.core.signals.all_signals`` (all seven signals, vectorized, float64).
 
 The two are timed alternately, ``repeat`` times. Records/s and the speedup come from each path's
 fastest run (other jobs on a shared machine only add time, and multi-threaded CPU time is inflated
@@ -35,7 +35,7 @@ from benchmarks import BenchResult, Check, best_ratio, fmt, interleaved, markdow
 from mia.models.registry import REPO_ARCHITECTURES, repo_builder
 from mia.devices import resolve_device
 from mia.scoring import IDENTITY, compute_logits
-from mia.signals import all_signals
+from mia.core.signals import all_signals
 
 ARCHS = ("resnet34", "vgg16", "mobilenetv2")
 CUDA_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, bf16 dense tensor cores

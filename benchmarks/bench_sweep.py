@@ -1,4 +1,4 @@
-"""Threshold sweep: ``mia.thresholds.sweep`` (exact, O(n log n)) against its two baselines.
+"""Threshold sweep: ``mia.core.thresholds.sweep`` (exact, O(n log n)) against its two baselines.
 
 * ``brute_force_sweep``: the same candidate thresholds, each scored by comparing every record,
   O(n k) for k distinct scores (O(n^2) without ties). It is timed in full when its projected time
@@ -21,7 +21,7 @@ import numpy as np
 
 from benchmarks import (BenchResult, Check, calls_per_sample, fmt, interleaved, markdown_table, median, pair_ratio,
                         timed_cpu)
-from mia.thresholds import Sweep, brute_force_sweep, grid_sweep, sweep
+from mia.core.thresholds import Sweep, brute_force_sweep, grid_sweep, sweep
 
 SATURATED = 3.0  # the score shared by saturated members
 
@@ -48,7 +48,7 @@ def tied_scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _brute_force_accuracies(scores: np.ndarray, membership: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """The per-candidate step of ``mia.thresholds.brute_force_sweep`` (same expression), on given candidates."""
+    """The per-candidate step of ``mia.core.thresholds.brute_force_sweep`` (same expression), on given candidates."""
     correct = [np.count_nonzero((scores >= t).astype(np.int64) == membership) for t in thresholds]
     return np.asarray(correct, dtype=np.int64) / scores.shape[0]
 

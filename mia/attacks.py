@@ -21,10 +21,10 @@ from enum import StrEnum
 
 import numpy as np
 
-from mia import signals as sig
-from mia.logistic import fit_logistic
-from mia.metrics import attack_metrics
-from mia.thresholds import ClassThresholds, predict, predict_per_class, sweep, sweep_per_class
+from mia.core import signals as sig
+from mia.core.logistic import fit_logistic
+from mia.core.metrics import attack_metrics
+from mia.core.thresholds import ClassThresholds, predict, predict_per_class, sweep, sweep_per_class
 
 # ----------------------------------------------------------------------------------------------
 # Features
@@ -34,7 +34,7 @@ def posterior_features(logits: np.ndarray, labels: np.ndarray, view_names: list[
     """Signals for posterior access.
 
     logits: (V, n, C) for V query views, view 0 being the image itself; labels: (n,) int.
-    Returns name -> (n,) float64: every signal of ``mia.signals`` on the image itself, plus
+    Returns name -> (n,) float64: every signal of ``mia.core.signals`` on the image itself, plus
     ``aug_flip_lsc`` (mean logit-scaled confidence over the image and its flip) and ``aug_mean_lsc``
     (mean over all views) when those views exist, and ``view{v}_lsc`` (the logit-scaled confidence of
     view v >= 1 alone: inputs of the learned attacks, which weigh the views, not thresholded alone).
@@ -283,7 +283,7 @@ def fit(candidate: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, 
     class_stats = _class_stats(x, np.asarray(labels)) if c.kind == "logreg_class" else None
     x = _learned_inputs(c, feats, labels, class_stats, x)
     if c.kind in ("logreg", "logreg_class"):
-        # StandardScaler + LogisticRegression(C=1) of scikit-learn, solved by Newton's method (mia.logistic)
+        # StandardScaler + LogisticRegression(C=1) of scikit-learn, solved by Newton's method (mia.core.logistic)
         model = fit_logistic(x, membership, c=1.0)
     elif c.kind == "boosting":
         from sklearn.ensemble import HistGradientBoostingClassifier

@@ -57,12 +57,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mia.checkpoints import save_checkpoint
-from mia.data import save_records
+from mia.io.checkpoints import save_checkpoint
+from mia.io.records import save_records
 from mia.devices import resolve_device
 from mia.errors import DataError, MIAError
 from mia.models.registry import REPO_ARCH_DIR, REPO_ARCHITECTURES, repo_builder
-from mia.thresholds import sweep
+from mia.core.thresholds import sweep
 from mia.training import TrainRecipe, train_classifier
 
 # Bump when the recipe changes (splits, preprocessing, training): cached bundles are then rebuilt.

@@ -17,7 +17,7 @@ import torch
 
 from mia.bundle import Bundle, Victim, discover
 from mia.config import RunConfig
-from mia.data import Records, load_records
+from mia.io.records import Records, load_records
 from mia.errors import DataError, MIAError
 from mia.models.loading import VictimModelInfo, load_victim_model
 from mia.devices import resolve_device

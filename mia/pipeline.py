@@ -16,13 +16,13 @@ import numpy as np
 from mia import attacks
 from mia.bundle import Bundle, Victim, discover
 from mia.config import RunConfig, TaskConfig
-from mia.data import Records
+from mia.io.records import Records
 from mia.errors import DataError, MIAError
 from mia.inspection import load_victim, summarize_victim
 from mia.models.loading import VictimModelInfo, builder_key
 from mia.models.registry import REPO_ARCH_DIR
 from mia.scoring import VIEW_SETS, View, cached_logits, compute_logits, noise_views
-from mia.thresholds import Sweep, sweep
+from mia.core.thresholds import Sweep, sweep
 
 
 @dataclass

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from mia.atomic import atomic_write, atomic_write_bytes
-from mia.metrics import roc_curve
-from mia.thresholds import Sweep
+from mia.io.atomic import atomic_write, atomic_write_bytes
+from mia.core.metrics import roc_curve
+from mia.core.thresholds import Sweep
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -180,10 +180,10 @@ def _hash_value(h, value) -> None:
 
 def _source_digest() -> str:
     """This module's code and that of the ROC it draws: a change to either redraws every figure."""
-    import mia.metrics
+    import mia.core.metrics
 
     h = hashlib.sha256()
-    for path in (Path(__file__), Path(mia.metrics.__file__)):
+    for path in (Path(__file__), Path(mia.core.metrics.__file__)):
         h.update(path.read_bytes())
     return h.hexdigest()
 

@@ -55,12 +55,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mia import signals as sig
+from mia.core import signals as sig
 from mia.attacks import integer_labels
 from mia.bundle import Victim
 from mia.errors import MIAError
 from mia.references import ReferenceSet, load_reference_set, reference_logits, views_from_names
-from mia.cache import file_digest
+from mia.io.cache import file_digest
 
 __all__ = [
     "AUTO_GLOBAL_BELOW",

@@ -18,7 +18,7 @@ Layout, under ``<bundle>/references/<victim.name>/``::
     manifest.json        recipe, pool (sizes, sha256 of every source file and of the victim
                          checkpoint), fingerprint, per-model accuracy, complete and missing models
     masks.npy            (k, N_pool) bool
-    model_{j:03d}.pth    {'net', 'acc', 'epoch'} (mia.checkpoints.save_checkpoint; 'acc' = OUT accuracy %)
+    model_{j:03d}.pth    {'net', 'acc', 'epoch'} (mia.io.checkpoints.save_checkpoint; 'acc' = OUT accuracy %)
     model_{j:03d}.json   accuracy on its IN and OUT records, seconds, device, fingerprint
     logits/              cached reference logits (.npy), keyed by content
 
@@ -50,15 +50,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mia.atomic import atomic_save_npy, atomic_write_text
+from mia.io.atomic import atomic_save_npy, atomic_write_text
 from mia.bundle import Victim
-from mia.checkpoints import load_state_dict, save_checkpoint
-from mia.data import Records, load_records, records_from_objects, safe_load_pickle
+from mia.io.checkpoints import load_state_dict, save_checkpoint
+from mia.io.records import Records, load_records, records_from_objects
+from mia.io.unpickler import safe_load_pickle
 from mia.errors import MIAError
 from mia.models.loading import load_into
 from mia.models.discovery import Architecture, discover_architecture
 from mia.models.registry import REPO_ARCH_DIR
-from mia.cache import file_digest
+from mia.io.cache import file_digest
 from mia.devices import resolve_device
 from mia.scoring import IDENTITY, View, compute_logits
 from mia.training import TrainRecipe, train_classifier

@@ -4,7 +4,7 @@ Views are the image itself, its horizontal flip and small translations (zero pad
 optionally plus Gaussian noise (the label-only attack's noisy queries). All views of a batch are
 generated on the device and go through the model together. Logits (or, for the many noisy queries,
 just the predicted labels) are the only thing computed with the model; every signal is derived from
-them in float64 (mia.signals).
+them in float64 (mia.core.signals).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mia.atomic import atomic_save_npy
-from mia.cache import file_digest
+from mia.io.atomic import atomic_save_npy
+from mia.io.cache import file_digest
 from mia.devices import resolve_device
 
 CACHE_FORMAT = 2  # bump when the logits a cache file holds would change

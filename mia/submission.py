@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mia.errors import MIAError, SubmissionError
-from mia.atomic import atomic_save_npy, atomic_write_text
+from mia.io.atomic import atomic_save_npy, atomic_write_text
 
 SCHEMA_VERSION = 1
 
@@ -158,7 +158,7 @@ def check_submission(root: str | Path, tasks: tuple[int, ...] | None = None,
     all is well.
     """
     from mia.bundle import test_file_victims
-    from mia.data import load_records
+    from mia.io.records import load_records
 
     root = Path(root)
     report = CheckReport()

@@ -12,7 +12,7 @@ import pytest
 from scipy.stats import norm
 
 from mia import attacks
-from mia import signals as sig
+from mia.core import signals as sig
 from mia.attacks import Candidate, cross_validate, fit, label_only_features, posterior_features, select
 
 # ---------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from benchmarks.bench_scoring import ScoringConfig, naive_signals
 from benchmarks.bench_scoring import run as run_scoring
 from benchmarks.bench_sweep import SweepConfig, tied_scores
 from benchmarks.bench_sweep import run as run_sweep
-from mia.signals import all_signals
-from mia.thresholds import brute_force_sweep, sweep
+from mia.core.signals import all_signals
+from mia.core.thresholds import brute_force_sweep, sweep
 
 TOY_WIDTHS = {"resnet34": 4, "vgg16": 4, "mobilenetv2": 4}
 

@@ -1,4 +1,4 @@
-"""mia.cache: content-keyed records cache and file digests."""
+"""mia.io.cache: content-keyed records cache and file digests."""
 from __future__ import annotations
 
 import os
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import mia.data
-from mia.cache import file_digest
-from mia.data import load_records
+import mia.io.records
+from mia.io.cache import file_digest
+from mia.io.records import load_records
 from mia.errors import DataError
 
 
@@ -33,7 +33,7 @@ def test_second_load_reads_the_cache_not_the_pickle(tmp_path, monkeypatch):
     def refuse(path):
         raise AssertionError("the pickle was read although a cache entry exists")
 
-    monkeypatch.setattr(mia.data, "safe_load_pickle", refuse)
+    monkeypatch.setattr(mia.io.records, "safe_load_pickle", refuse)
     second = load_records(f, with_membership=True, num_classes=5, cache_dir=cache)
     for name in ("images", "labels", "membership"):
         assert np.array_equal(getattr(first, name), getattr(second, name))

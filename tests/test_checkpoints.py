@@ -1,4 +1,4 @@
-"""mia.checkpoints and mia.models.loading: safe loading, wrappers, key checks, round trips."""
+"""mia.io.checkpoints and mia.models.loading: safe loading, wrappers, key checks, round trips."""
 from __future__ import annotations
 
 import pickle
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mia.checkpoints import load_state_dict, save_checkpoint
+from mia.io.checkpoints import load_state_dict, save_checkpoint
 from mia.errors import ArchitectureError, CheckpointError
 from mia.models.loading import load_victim_model
 from mia.models.registry import REPO_ARCH_DIR, REPO_ARCHITECTURES, import_architecture_file, repo_builder

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from mia import demo
-from mia.checkpoints import load_state_dict
+from mia.io.checkpoints import load_state_dict
 from mia.models.loading import load_victim_model
-from mia.data import load_records
+from mia.io.records import load_records
 from mia.errors import DataError, MIAError
 
 ARCHS = ("resnet34", "vgg16", "mobilenetv2")

@@ -1,10 +1,10 @@
-"""mia.logistic: Newton's method against a hand-derived optimum and against scikit-learn."""
+"""mia.core.logistic: Newton's method against a hand-derived optimum and against scikit-learn."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mia.logistic import fit_logistic
+from mia.core.logistic import fit_logistic
 
 
 def test_two_points_match_the_hand_derived_optimum():

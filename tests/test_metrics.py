@@ -1,4 +1,4 @@
-"""Tests for mia.metrics: hand-computed ROC/AUC/TPR@FPR, and agreement with scikit-learn."""
+"""Tests for mia.core.metrics: hand-computed ROC/AUC/TPR@FPR, and agreement with scikit-learn."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mia.metrics import AttackMetrics, accuracy, attack_metrics, auc, roc_curve, tpr_at_fpr
+from mia.core.metrics import AttackMetrics, accuracy, attack_metrics, auc, roc_curve, tpr_at_fpr
 
 
 def test_accuracy_hand():

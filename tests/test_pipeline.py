@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 import mia
-from mia import attacks, thresholds
-from mia import signals as sig
+from mia import attacks
+from mia.core import thresholds
+from mia.core import signals as sig
 from mia.models.loading import load_victim_model
 from mia.cli import main
 from mia.config import RunConfig
-from mia.data import load_records
+from mia.io.records import load_records
 from mia.errors import MIAError, SubmissionError
 from mia.pipeline import attack_victim, label_noise_queries, run
 from mia.scoring import IDENTITY, compute_logits

@@ -7,7 +7,7 @@ import pytest
 from mia import plots
 from mia.config import RunConfig
 from mia.pipeline import run
-from mia.thresholds import sweep
+from mia.core.thresholds import sweep
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from mia.bundle import discover
 from mia.models.loading import load_victim_model
-from mia.data import load_records
+from mia.io.records import load_records
 from mia.reference_attacks import (
     calibrated_aug_count,
     fit_gaussians,

@@ -1,4 +1,4 @@
-"""Tests for mia.signals: hand-computed values, extreme logits against mpmath, orientation."""
+"""Tests for mia.core.signals: hand-computed values, extreme logits against mpmath, orientation."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mia.signals import (
+from mia.core.signals import (
     SEED_SIGNALS,
     SIGNALS,
     all_signals,

@@ -1,4 +1,4 @@
-"""Tests for mia.thresholds: exact sweep against brute force, ties, per-class fallback."""
+"""Tests for mia.core.thresholds: exact sweep against brute force, ties, per-class fallback."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mia.thresholds import (
+from mia.core.thresholds import (
     ClassThresholds,
     brute_force_sweep,
     grid_sweep,

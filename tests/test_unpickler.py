@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from mia.data import SAFE_GLOBALS, load_records, safe_load_pickle
+from mia.io.records import load_records
+from mia.io.unpickler import SAFE_GLOBALS, safe_load_pickle
 from mia.errors import DataError, UnsafePickleError
 
 

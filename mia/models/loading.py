@@ -1,4 +1,4 @@
-"""Victim models: weights (mia.checkpoints) + builder discovery (mia.models.registry) -> a loaded model."""
+"""Victim models: weights (mia.io.checkpoints) + builder discovery (mia.models.registry) -> a loaded model."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mia.checkpoints import load_state_dict
+from mia.io.checkpoints import load_state_dict
 from mia.errors import CheckpointError
 from mia.models.discovery import Architecture, discover_architecture
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mia.thresholds import _as_binary, _as_scores
+from mia.core.thresholds import _as_binary, _as_scores
 
 __all__ = ["AttackMetrics", "accuracy", "attack_metrics", "auc", "roc_curve", "tpr_at_fpr"]
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mia.data import Records, load_records, records_from_objects, save_records
+from mia.io.records import Records, load_records, records_from_objects, save_records
 from mia.errors import DataError
 
 SHAPE = (3, 4, 4)

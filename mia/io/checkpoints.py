@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from mia.atomic import atomic_write
+from mia.io.atomic import atomic_write
 from mia.errors import CheckpointError
 
 __all__ = ["load_state_dict", "save_checkpoint"]

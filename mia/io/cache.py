@@ -7,7 +7,7 @@ A cache that cannot be written (read-only bundle) is skipped silently.
 
 * ``file_digest``: sha256 of a file, remembered for the process while the file's size, mtime and
   inode stay the same (one run hashes each input once, not once per use).
-* ``cached_arrays``: named arrays as ``.npz``, validated by the caller before use (mia.data keeps
+* ``cached_arrays``: named arrays as ``.npz``, validated by the caller before use (mia.io.records keeps
   validated records under ``records/``, so the slow safe unpickling happens once per file content).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from mia.atomic import atomic_save_npz
+from mia.io.atomic import atomic_save_npz
 
 __all__ = ["cached_arrays", "file_digest"]
 

@@ -1,0 +1,1 @@
+"""Foundations: signals, thresholds, metrics, logistic regression. They import nothing of the package above them."""
