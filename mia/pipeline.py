@@ -145,7 +145,7 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         data.eval_noise_labels = scores("eval", eval_recs, queries, " noisy", labels_only=True)[0]
         data.test_noise_labels = scores("test", test_recs, queries, " noisy", labels_only=True)[0]
     if config.references:
-        from mia.reference_attacks import victim_reference_features
+        from mia.references.attacks import victim_reference_features
 
         # the references are queried on the victim's views that are also in config.reference_views
         allowed = {v.name for v in VIEW_SETS[config.reference_views]}

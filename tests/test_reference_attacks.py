@@ -1,4 +1,4 @@
-"""mia.reference_attacks: LiRA and RMIA against hand-computed values, memory, label-only, bundle entry points."""
+"""mia.references.attacks: LiRA and RMIA against hand-computed values, memory, label-only, bundle entry points."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import pytest
 from mia.bundle import discover
 from mia.models.loading import load_victim_model
 from mia.io.records import load_records
-from mia.reference_attacks import (
+from mia.references.attacks import (
     calibrated_aug_count,
     fit_gaussians,
     label_lira,

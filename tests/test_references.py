@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-import mia.references as refs
+import mia.references.logits as ref_logits
+import mia.references.train as ref_train
 from mia.bundle import discover
 from mia.errors import MIAError
 from mia.references import (
     ReferenceRecipe,
-    add_parser,
     load_pool,
     load_reference_set,
     make_masks,
     parse_shard,
     reference_logits,
-    run_cli,
     train_references,
     views_from_names,
 )
+from mia.cli.references import add_parser, run_cli
 from mia.scoring import FLIP, IDENTITY, STANDARD_VIEWS, View, noise_views
 from mia.training import augment_batch
 
@@ -144,16 +144,16 @@ def test_training_writes_models_masks_and_manifest(bundle, trained):
 
 def test_resume_after_interruption_trains_only_missing(bundle, tmp_path, monkeypatch):
     victim = bundle.victims[0]
-    fit = refs._fit_model
+    fit = ref_train._fit_model
     calls = []
 
     def flaky(*args, **kwargs):
-        calls.append(args[7])  # the model seed
+        calls.append(args[5])  # the model seed
         if len(calls) == 3:
             raise KeyboardInterrupt
         return fit(*args, **kwargs)
 
-    monkeypatch.setattr(refs, "_fit_model", flaky)
+    monkeypatch.setattr(ref_train, "_fit_model", flaky)
     with pytest.raises(KeyboardInterrupt):
         train_references(bundle.root, victim, RECIPE, progress=False, references_root=tmp_path)
     folder = tmp_path / victim.name
@@ -163,7 +163,7 @@ def test_resume_after_interruption_trains_only_missing(bundle, tmp_path, monkeyp
     assert not list(folder.glob(".*.tmp"))
     stamp = (folder / "model_000.pth").stat().st_mtime_ns
 
-    monkeypatch.setattr(refs, "_fit_model", fit)
+    monkeypatch.setattr(ref_train, "_fit_model", fit)
     done = train_references(bundle.root, victim, RECIPE, progress=False, references_root=tmp_path)
     assert done.trained == (2, 3) and done.complete == (0, 1, 2, 3)
     assert (folder / "model_000.pth").stat().st_mtime_ns == stamp  # kept, not retrained
@@ -252,7 +252,7 @@ def test_reference_logits_shape_and_cache(trained, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("cache miss")
 
-    monkeypatch.setattr(refs, "compute_logits", refuse)
+    monkeypatch.setattr(ref_logits, "compute_logits", refuse)
     np.testing.assert_array_equal(reference_logits(ref_set, (IDENTITY, FLIP), device="cpu"), logits)
 
 

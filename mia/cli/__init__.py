@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 from mia.config import ACCESS_LEVELS, CHALLENGE_TASKS, RunConfig, TaskConfig
+from mia.cli import references as references_cli
+from mia.cli.options import add_bundle_option, add_trust_option, add_victims_option
 from mia.errors import MIAError
 from mia.paths import REPO_ROOT, default_bundle
 
@@ -69,8 +71,7 @@ def _run_config(args) -> RunConfig:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     d = RunConfig()  # the one source of defaults: every default below is read from it
-    p.add_argument("--bundle", type=Path, default=None,
-                   help="challenge bundle folder (default: the repository root if it holds one, else demo/)")
+    add_bundle_option(p)
     p.add_argument("--device", default=d.device, help=f"auto (cuda if available), cpu, cuda, cuda:N (default {d.device})")
     p.add_argument("--method", choices=("strong", "seed"), default=d.method,
                    help="strong: every candidate, chosen by cross-validation (default); seed: the seed's method")
@@ -81,11 +82,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--task", action="append", metavar="K=ACCESS",
                    help="access level of task K: posterior or label (default 1=posterior 2=posterior 3=label)")
-    p.add_argument("--victims", nargs="+", metavar="ARCH_DATASET", help="only these victims, e.g. vgg16_cifar10")
+    add_victims_option(p)
     p.add_argument("--no-plots", action="store_true", help="do not write results/plots/*.png")
     p.add_argument("--no-cache", action="store_true", help="do not read or write <bundle>/.cache (logits, validated records, figures)")
-    p.add_argument("--trust-checkpoints", action="store_true",
-                   help="allow checkpoints that are whole pickled models: loading them RUNS CODE from the file")
+    add_trust_option(p)
     p.add_argument("--keep-going", action="store_true",
                    help="when a victim fails, finish the others and report the failures at the end")
     p.add_argument("--no-references", action="store_true",
@@ -132,9 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date bundle exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    from mia import references
-
-    references.add_parser(sub)
+    references_cli.add_parser(sub)
     return parser
 
 
@@ -241,11 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return _cmd_demo(args)
         if args.command == "references":
-            from mia import references
-
             if args.bundle is None:
                 args.bundle = default_bundle(progress=not args.quiet)
-            return references.run_cli(args)
+            return references_cli.run_cli(args)
     except MIAError as e:
         if args.debug:
             raise

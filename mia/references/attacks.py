@@ -55,12 +55,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mia.core import signals as sig
 from mia.attacks import integer_labels
 from mia.bundle import Victim
+from mia.core import signals as sig
 from mia.errors import MIAError
-from mia.references import ReferenceSet, load_reference_set, reference_logits, views_from_names
 from mia.io.cache import file_digest
+from mia.references.logits import reference_logits, views_from_names
+from mia.references.store import ReferenceSet, load_reference_set
 
 __all__ = [
     "AUTO_GLOBAL_BELOW",

@@ -1,0 +1,76 @@
+"""``python -m mia references``: train reference models (resumable, sharded)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mia.cli.options import add_bundle_option, add_trust_option, add_victims_option
+from mia.references import ReferenceRecipe, load_reference_set, parse_shard, references_folder, train_references
+from mia.references.train import pct
+
+
+def add_parser(subparsers) -> object:
+    """Add the ``references`` command to an argparse subparsers object; returns its parser."""
+    defaults = ReferenceRecipe()
+    p = subparsers.add_parser(
+        "references",
+        help="train reference models for LiRA / RMIA (resumable; --shard i/n splits the work)",
+        description="Train k reference models per victim on random halves of its eval + test (+ population) "
+                    "records, under <bundle>/references/<victim>/. Resumes where a previous run stopped.",
+    )
+    add_bundle_option(p)
+    add_victims_option(p)
+    p.add_argument("--k", type=int, default=defaults.k, help=f"number of reference models, even (default {defaults.k})")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"default {defaults.batch_size}")
+    p.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--no-augment", action="store_true", help="no random flip / crop during training")
+    p.add_argument("--pad", type=int, default=defaults.pad,
+                   help=f"zero padding of the random crop, 0 = flips only (default {defaults.pad})")
+    p.add_argument("--width", type=int, default=None, help="model width (default: the victim's)")
+    p.add_argument("--population", type=Path, default=None,
+                   help="folder (or file) of extra .p records [image, label(, membership)] added to the pool")
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="train only models j with j %% N == I (default 0/1)")
+    p.add_argument("--merge-only", action="store_true", help="train nothing: rebuild the manifests and report")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    add_trust_option(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def run_cli(args) -> int:
+    """Run ``python -m mia references`` with parsed ``args``; returns the exit status."""
+    from mia.bundle import discover
+    from mia.paths import default_bundle
+
+    shard = parse_shard(args.shard)
+    recipe = ReferenceRecipe(k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             weight_decay=args.weight_decay, augment=not args.no_augment, pad=args.pad, seed=args.seed,
+                             device=args.device, width=args.width)
+    recipe.validate()
+    bundle_root = args.bundle if args.bundle is not None else default_bundle(progress=not args.quiet)
+    bundle = discover(bundle_root, victims=list(args.victims) if args.victims else None)
+    t0 = time.perf_counter()
+    for victim in bundle.victims:
+        if args.merge_only:
+            ref_set = load_reference_set(bundle.root, victim, arch_dirs=bundle.arch_dirs)
+            if ref_set is None:
+                print(f"{victim.name}: no reference models under {references_folder(bundle.root, victim)}")
+                continue
+        else:
+            ref_set = train_references(bundle.root, victim, recipe, population=args.population, shard=shard,
+                                       progress=not args.quiet, arch_dirs=bundle.arch_dirs,
+                                       trust=args.trust_checkpoints, log=print)
+        print(f"{victim.name}: {len(ref_set.complete)} of {ref_set.k} reference models complete in {ref_set.folder}"
+              f" ({len(ref_set.trained)} trained now)")
+        for j in ref_set.complete:
+            meta = ref_set.models[j]
+            print(f"  model {j:03d}: OUT accuracy {pct(meta.get('out_accuracy'))}, "
+                  f"IN accuracy {pct(meta.get('in_accuracy'))}, {meta.get('seconds', float('nan')):.1f}s")
+        missing = [j for j in range(ref_set.k) if j not in ref_set.complete]
+        if missing:
+            print(f"  missing: {missing}")
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    return 0

@@ -1,0 +1,98 @@
+"""Reference models' logits (and noisy-query labels) on the pool, cached by content."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mia.errors import MIAError
+from mia.io.atomic import atomic_save_npy
+from mia.io.cache import file_digest
+from mia.references.pool import Pool
+from mia.references.store import ReferenceSet
+from mia.scoring import IDENTITY, View, compute_logits
+
+LOGITS_FORMAT = 1  # bump when cached reference logits would change
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference logits
+
+
+def views_from_names(names: list[str] | tuple[str, ...]) -> tuple[View, ...]:
+    """Inverse of ``View.name``: ``["id", "flip", "id:dx+1dy+0", "flip:noise0.1#3"]`` -> Views.
+    ValueError on a bad name."""
+    views = []
+    for name in names:
+        head, *parts = str(name).split(":")
+        if head not in ("id", "flip") or len(parts) > 2:
+            raise ValueError(f"not a view name: {name!r}")
+        dx = dy = draw = 0
+        noise = 0.0
+        try:
+            for part in parts:
+                if part.startswith("dx") and "dy" in part:
+                    sx, sy = part[2:].split("dy", 1)
+                    dx, dy = int(sx), int(sy)
+                elif part.startswith("noise") and "#" in part:
+                    sn, sd = part[5:].split("#", 1)
+                    noise, draw = float(sn), int(sd)
+                else:
+                    raise ValueError(part)
+            view = View(flip=head == "flip", dx=dx, dy=dy, noise=noise, draw=draw)
+        except ValueError:
+            raise ValueError(f"not a view name: {name!r}") from None
+        if view.name != name:
+            raise ValueError(f"not a view name: {name!r}")
+        views.append(view)
+    return tuple(views)
+
+
+def _logits_cache_path(ref_set: ReferenceSet, j: int, views: tuple[View, ...], labels_only: bool = False) -> Path:
+    h = hashlib.sha256(f"format={LOGITS_FORMAT};views={[v.name for v in views]};"
+                       f"pool={ref_set.fingerprint}{';labels' if labels_only else ''}".encode())
+    h.update(file_digest(ref_set.model_path(j)).encode())
+    arch_file = ref_set.manifest.get("architecture_file", {}).get("sha256", "-")
+    h.update(str(arch_file).encode())
+    return ref_set.folder / "logits" / f"model_{j:03d}-{h.hexdigest()[:24]}.npy"
+
+
+def reference_logits(ref_set: ReferenceSet, views: tuple[View, ...] = (IDENTITY,), device: str = "auto",
+                     batch_size: int = 256, *, progress: bool = False, cache: bool = True,
+                     pool: Pool | None = None, labels_only: bool = False) -> np.ndarray:
+    """Logits of every complete reference model on the whole pool -> (K, V, N_pool, C) float32; with
+    ``labels_only`` their predicted labels -> (K, V, N_pool) int64 (for the many noisy queries).
+
+    K = len(ref_set.complete), in that order (``ref_set.complete_masks()`` are the matching masks);
+    V = len(views). Each model's array is cached under ``<folder>/logits/``, keyed by the model file,
+    the pool, the views, the architecture file and ``labels_only``.
+    """
+    views = tuple(views)
+    out = []
+    for j in tqdm(ref_set.complete, desc=f"{ref_set.manifest['victim']} reference logits", unit="model",
+                  disable=not progress, leave=False):
+        path = _logits_cache_path(ref_set, j, views, labels_only) if cache else None
+        arr = None
+        if path is not None and path.is_file():
+            try:
+                arr = np.load(path, allow_pickle=False)
+                if arr.shape[:2] != (len(views), ref_set.n_pool) or arr.ndim != (2 if labels_only else 3):
+                    arr = None
+            except (OSError, ValueError):
+                arr = None
+        if arr is None:
+            if pool is None:
+                pool = ref_set.load_pool()
+            arr = compute_logits(ref_set.load_model(j), pool.images, views, device=device, batch_size=batch_size,
+                                 labels_only=labels_only)
+            if path is not None:
+                try:
+                    atomic_save_npy(path, arr)
+                except OSError:  # a read-only bundle: no cache, same logits
+                    pass
+        out.append(arr.astype(np.int64 if labels_only else np.float32, copy=False))
+    if not out:
+        raise MIAError(f"{ref_set.folder}: no complete reference model")
+    return np.stack(out)

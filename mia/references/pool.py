@@ -1,0 +1,119 @@
+"""The pool of known-label records reference models train on, and the IN/OUT masks (LiRA's design)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mia.bundle import Victim
+from mia.errors import MIAError
+from mia.io.cache import file_digest
+from mia.io.records import Records, load_records, records_from_objects
+from mia.io.unpickler import safe_load_pickle
+
+_MASK_TAG = 0x6D61736B  # "mask": separates the mask stream from the model seeds
+_MODEL_TAG = 0x6D6F646C  # "modl"
+
+
+# --------------------------------------------------------------------------------------------------
+# Pool
+
+
+@dataclass
+class Pool:
+    """The records reference models are trained on: eval, then test, then population."""
+
+    images: np.ndarray  # (N, C, H, W) float32
+    labels: np.ndarray  # (N,) int64
+    n_eval: int  # pool[0:n_eval] are the eval records, in file order
+    n_test: int  # pool[n_eval:n_eval + n_test] are the test records, in file order
+    sources: list[dict]  # [{"role": "eval"|"test"|"population", "path", "sha256", "n"}] in pool order
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_population(self) -> int:
+        return self.n - self.n_eval - self.n_test
+
+
+def _population_files(population: Path) -> list[Path]:
+    population = Path(population)
+    if population.is_file():
+        return [population]
+    if population.is_dir():
+        files = sorted(population.glob("*.p"))
+        if files:
+            return files
+        raise MIAError(f"{population}: no .p files in the population folder")
+    raise MIAError(f"{population}: population folder or file not found")
+
+
+def load_population_file(path: Path, num_classes: int | None) -> Records:
+    """Records ``[image, label]`` or ``[image, label, membership]`` (membership ignored)."""
+    obj = safe_load_pickle(path)
+    if isinstance(obj, (list, tuple)):
+        obj = [r[:2] if isinstance(r, (list, tuple)) and len(r) == 3 else r for r in obj]
+    return records_from_objects(obj, path=path, with_membership=False, num_classes=num_classes)
+
+
+def relative_path(path: Path, root: Path | None) -> str:
+    """``path`` relative to ``root`` when inside it (bundles can move), else absolute."""
+    path = Path(path).resolve()
+    if root is not None:
+        try:
+            return str(path.relative_to(Path(root).resolve()))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def load_pool(victim: Victim, population: str | Path | None = None, *, num_classes: int | None = None,
+              bundle_root: str | Path | None = None) -> Pool:
+    """Load the pool of ``victim``: its eval records, its test records, then population records.
+
+    population: a ``.p`` file or a folder of them (sorted by name), records ``[image, label]`` or
+    ``[image, label, membership]``. Raises DataError for a bad file and MIAError when image shapes
+    differ between the files.
+    """
+    cache = Path(bundle_root) / ".cache" if bundle_root is not None else None  # the run's records cache
+    parts: list[tuple[str, Records]] = [
+        ("eval", load_records(victim.eval_path, with_membership=True, num_classes=num_classes, cache_dir=cache)),
+        ("test", load_records(victim.test_path, with_membership=False, num_classes=num_classes, cache_dir=cache)),
+    ]
+    if population is not None:
+        parts += [("population", load_population_file(p, num_classes)) for p in _population_files(Path(population))]
+    shape = parts[0][1].images.shape[1:]
+    for role, recs in parts[1:]:
+        if recs.images.shape[1:] != shape:
+            raise MIAError(f"{recs.path}: {role} images are {recs.images.shape[1:]}, eval images are {shape}")
+    sources = [{"role": role, "path": relative_path(recs.path, bundle_root), "sha256": file_digest(recs.path), "n": len(recs)}
+               for role, recs in parts]
+    return Pool(
+        images=np.concatenate([r.images for _, r in parts]),
+        labels=np.concatenate([r.labels for _, r in parts]),
+        n_eval=len(parts[0][1]),
+        n_test=len(parts[1][1]),
+        sources=sources,
+    )
+
+
+def make_masks(k: int, n: int, seed: int) -> np.ndarray:
+    """(k, n) bool: ``masks[j, i]`` = model j trains on record i.
+
+    Every column has exactly k/2 True entries: a uniformly random k/2-subset of the models per
+    record (LiRA's balanced split). Deterministic for (k, n, seed).
+    """
+    if k < 2 or k % 2:
+        raise MIAError(f"k must be an even number >= 2, got {k}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _MASK_TAG, int(k), int(n)]))
+    order = np.argsort(rng.random((n, k)), axis=1, kind="stable")  # a random permutation of models per record
+    masks = np.zeros((n, k), dtype=bool)
+    masks[np.arange(n)[:, None], order[:, : k // 2]] = True
+    return np.ascontiguousarray(masks.T)
+
+
+def model_seed(seed: int, j: int) -> int:
+    return int(np.random.SeedSequence([int(seed), _MODEL_TAG, int(j)]).generate_state(1)[0])

@@ -1,0 +1,54 @@
+"""The reference-model training recipe (a frozen dataclass: one source of defaults and validation)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from mia.errors import MIAError
+from mia.training import TrainRecipe
+
+# --------------------------------------------------------------------------------------------------
+# Recipe
+
+
+@dataclass(frozen=True)
+class ReferenceRecipe:
+    """How reference models are trained. Every field but ``device`` is part of the fingerprint."""
+
+    k: int = 8  # number of reference models; even, each record is IN for exactly k/2 of them
+    epochs: int = 15  # training epochs per model
+    batch_size: int = 128  # SGD batch size
+    lr: float = 0.05  # peak learning rate; cosine decay to 0 per step over all epochs
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # SGD weight decay
+    augment: bool = True  # random horizontal flip + random crop of the image zero-padded by `pad`
+    pad: int = 4  # padding (pixels) of the random crop; 0 = flips only
+    seed: int = 0  # masks and every model's initialisation, batch order and augmentation
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"; not fingerprinted
+    width: int | None = None  # model width; None: the victim's width (read from its weights)
+
+    def validate(self) -> None:
+        """Raise MIAError on a recipe that cannot be trained."""
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 2 or self.k % 2:
+            raise MIAError(f"k must be an even number >= 2 (each record is IN for exactly k/2 models), got {self.k!r}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise MIAError(f"epochs >= 1 and batch_size >= 2 are required, got {self.epochs} and {self.batch_size}")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise MIAError("lr > 0, weight_decay >= 0 and 0 <= momentum < 1 are required")
+        if self.pad < 0:
+            raise MIAError(f"pad must be >= 0, got {self.pad}")
+        if self.width is not None and self.width < 1:
+            raise MIAError(f"width must be positive, got {self.width}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def train_recipe(self) -> TrainRecipe:
+        """The mia.training recipe of one model."""
+        return TrainRecipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+                           weight_decay=self.weight_decay, augment=self.augment, pad=self.pad)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ReferenceRecipe:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

@@ -1,0 +1,302 @@
+"""Reference folders on disk: manifest, per-model files, and the ReferenceSet found there (the folder is the truth)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mia.bundle import Victim
+from mia.errors import MIAError
+from mia.io.atomic import atomic_write_text
+from mia.io.cache import file_digest
+from mia.io.checkpoints import load_state_dict
+from mia.io.records import load_records
+from mia.models.discovery import Architecture, discover_architecture
+from mia.models.loading import load_into
+from mia.models.registry import REPO_ARCH_DIR
+from mia.references.pool import Pool, load_population_file, relative_path
+from mia.references.recipe import ReferenceRecipe
+
+REFERENCES_FORMAT = 1  # bump when a change makes existing reference folders incompatible
+
+
+# --------------------------------------------------------------------------------------------------
+# Folder, manifest, reference set
+
+
+def references_folder(bundle_root: str | Path, victim: Victim, references_root: str | Path | None = None) -> Path:
+    """``<references_root or <bundle>/references>/<victim.name>``."""
+    root = Path(references_root) if references_root is not None else Path(bundle_root) / "references"
+    return root / victim.name
+
+
+def default_arch_dirs(bundle_root: str | Path) -> list[Path]:
+    """The bundle's models/ first, then the repository's architecture files (as mia.bundle does)."""
+    dirs = [Path(bundle_root).resolve() / "models"]
+    if REPO_ARCH_DIR != dirs[0]:
+        dirs.append(REPO_ARCH_DIR)
+    return dirs
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def make_header(victim: Victim, recipe: ReferenceRecipe, pool: Pool, num_classes: int, width: int | None,
+            architecture: Architecture, bundle_root: Path) -> dict:
+    """What the folder's models were trained from; ``fingerprint`` covers all of it but paths and device."""
+    training = {k: v for k, v in recipe.to_dict().items() if k != "device"}
+    training["width"] = None if width is None else int(width)
+    key = {
+        "format": REFERENCES_FORMAT,
+        "recipe": training,
+        "arch": victim.arch,
+        "num_classes": int(num_classes),
+        "pool": [[s["role"], s["sha256"], s["n"]] for s in pool.sources],
+        "victim_sha256": file_digest(victim.checkpoint),
+    }
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return {
+        "format": REFERENCES_FORMAT,
+        "fingerprint": fingerprint,
+        "victim": victim.name,
+        "arch": victim.arch,
+        "num_classes": int(num_classes),
+        "width": training["width"],
+        "k": recipe.k,
+        "seed": recipe.seed,
+        "recipe": training,
+        "pool": {
+            "order": "eval records, then test records, then population records (file order)",
+            "n": pool.n,
+            "n_eval": pool.n_eval,
+            "n_test": pool.n_test,
+            "n_population": pool.n_population,
+            "sources": pool.sources,
+        },
+        "victim_checkpoint": {"path": relative_path(victim.checkpoint, bundle_root), "sha256": key["victim_sha256"]},
+        "architecture_file": _architecture_source(architecture, bundle_root),
+        "masks_file": "masks.npy",
+    }
+
+
+def _architecture_source(architecture: Architecture, bundle_root: Path) -> dict:
+    """Where the reference models' code comes from: the architecture file and its digest, or the
+    torchvision constructor and torchvision's version."""
+    b = architecture.builder
+    if b.file is None:
+        import torchvision
+
+        return {"path": b.label, "sha256": f"torchvision-{torchvision.__version__}"}
+    return {"path": relative_path(b.file, bundle_root), "sha256": file_digest(b.file)}
+
+
+_HEADER_KEYS = ("format", "fingerprint", "victim", "arch", "num_classes", "width", "k", "seed", "recipe", "pool",
+                "victim_checkpoint", "architecture_file", "masks_file")
+
+
+def model_files(folder: Path, j: int) -> tuple[Path, Path]:
+    return folder / f"model_{j:03d}.pth", folder / f"model_{j:03d}.json"
+
+
+def scan_models(folder: Path, k: int, fingerprint: str) -> tuple[dict[int, dict], dict[int, str]]:
+    """(complete models j -> their json, foreign models j -> fingerprint of another recipe)."""
+    complete, foreign = {}, {}
+    for j in range(k):
+        pth, meta_path = model_files(folder, j)
+        meta = _read_json(meta_path)
+        if meta is None or not pth.is_file():
+            continue
+        if meta.get("fingerprint") != fingerprint:
+            foreign[j] = str(meta.get("fingerprint"))
+            continue
+        complete[j] = meta
+    for path in folder.glob("model_*.json"):  # models beyond k belong to another recipe (other k)
+        meta = _read_json(path)
+        if meta is not None and isinstance(meta.get("index"), int) and meta["index"] >= k:
+            foreign[meta["index"]] = str(meta.get("fingerprint"))
+    return complete, foreign
+
+
+def write_manifest(folder: Path, header: dict, complete: dict[int, dict]) -> dict:
+    manifest = _build_manifest(header, complete)
+    write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+def _build_manifest(header: dict, complete: dict[int, dict]) -> dict:
+    """The header plus what the complete models' .json files say."""
+    k = header["k"]
+    models = {f"{j:03d}": {key: meta.get(key) for key in ("in_accuracy", "out_accuracy", "seconds", "device",
+                                                           "n_in", "n_out")}
+              for j, meta in sorted(complete.items())}
+    manifest = dict(header)
+    manifest.update({
+        "complete": sorted(complete),
+        "missing": [j for j in range(k) if j not in complete],
+        "models": models,
+        "mean_out_accuracy": (float(np.mean([m["out_accuracy"] for m in complete.values()]))
+                              if complete and all(m.get("out_accuracy") is not None for m in complete.values())
+                              else None),
+    })
+    return manifest
+
+
+def _describe_difference(old: dict, new: dict) -> str:
+    diffs = []
+    for key in sorted(set(old.get("recipe", {})) | set(new["recipe"])):
+        a, b = old.get("recipe", {}).get(key), new["recipe"].get(key)
+        if a != b:
+            diffs.append(f"{key} {a!r} -> {b!r}")
+    old_pool = [(s.get("role"), s.get("sha256"), s.get("n")) for s in old.get("pool", {}).get("sources", [])]
+    new_pool = [(s["role"], s["sha256"], s["n"]) for s in new["pool"]["sources"]]
+    if old_pool != new_pool:
+        diffs.append("pool files (eval/test/population contents) differ")
+    if old.get("victim_checkpoint", {}).get("sha256") != new["victim_checkpoint"]["sha256"]:
+        diffs.append("victim checkpoint differs")
+    for key in ("arch", "num_classes", "format"):
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    return "; ".join(diffs) or "fingerprints differ"
+
+
+def check_compatible(folder: Path, header: dict, masks: np.ndarray) -> None:
+    """Raise MIAError when ``folder`` holds models or masks of another recipe or pool."""
+    old = _read_json(folder / "manifest.json")
+    if old is not None and old.get("fingerprint") != header["fingerprint"]:
+        raise MIAError(
+            f"{folder} holds reference models of another recipe or pool ({_describe_difference(old, header)}); "
+            "train with the same settings, or delete the folder (or pass another references root) to start over"
+        )
+    _, foreign = scan_models(folder, header["k"], header["fingerprint"])
+    if foreign:
+        raise MIAError(
+            f"{folder}: models {sorted(foreign)} were trained with another recipe or pool; delete them or the "
+            "folder to start over"
+        )
+    masks_path = folder / "masks.npy"
+    if masks_path.is_file():
+        try:
+            existing = np.load(masks_path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise MIAError(f"{masks_path}: unreadable ({e}); delete the folder to start over") from e
+        if existing.shape != masks.shape or not np.array_equal(existing, masks):
+            raise MIAError(f"{masks_path}: masks differ from those of this recipe and pool; delete the folder "
+                           "to start over")
+
+
+@dataclass
+class ReferenceSet:
+    """The reference models of one victim as found on disk."""
+
+    folder: Path  # <references root>/<victim.name>
+    bundle_root: Path  # relative pool paths are resolved against it
+    manifest: dict  # manifest.json as rebuilt from the folder
+    masks: np.ndarray  # (k, N_pool) bool, all k models (complete or not)
+    complete: tuple[int, ...]  # indices j of the complete models, increasing
+    arch_dirs: list[Path]  # where the architecture file is looked up
+    trained: tuple[int, ...] = ()  # models trained by the call that returned this set
+    models: dict[int, dict] = field(default_factory=dict)  # j -> model_{j}.json of the complete models
+    _architecture: Architecture | None = field(default=None, repr=False)  # found by the first load_model
+
+    @property
+    def k(self) -> int:
+        return int(self.masks.shape[0])
+
+    @property
+    def n_pool(self) -> int:
+        return int(self.masks.shape[1])
+
+    @property
+    def n_eval(self) -> int:
+        return int(self.manifest["pool"]["n_eval"])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.manifest["pool"]["n_test"])
+
+    @property
+    def arch(self) -> str:
+        return self.manifest["arch"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def recipe(self) -> ReferenceRecipe:
+        return ReferenceRecipe.from_dict(self.manifest["recipe"])
+
+    def complete_masks(self) -> np.ndarray:
+        """(K, N_pool) bool masks of the complete models only (K = len(complete))."""
+        return self.masks[list(self.complete)]
+
+    def model_path(self, j: int) -> Path:
+        return model_files(self.folder, j)[0]
+
+    def load_pool(self) -> Pool:
+        """The pool images, from the files recorded in the manifest; MIAError when one changed."""
+        parts, sources = [], self.manifest["pool"]["sources"]
+        for s in sources:
+            path = Path(s["path"])
+            if not path.is_absolute():
+                path = self.bundle_root / path
+            if not path.is_file():
+                raise MIAError(f"{self.folder}: pool file {path} is gone; the references cannot be used")
+            if file_digest(path) != s["sha256"]:
+                raise MIAError(f"{path} changed since the reference models in {self.folder} were trained on it; "
+                               "retrain them (delete the folder)")
+            if s["role"] == "population":
+                recs = load_population_file(path, self.manifest["num_classes"])
+            else:
+                recs = load_records(path, with_membership=s["role"] == "eval", num_classes=self.manifest["num_classes"],
+                                    cache_dir=self.bundle_root / ".cache")
+            parts.append(recs)
+        return Pool(images=np.concatenate([r.images for r in parts]), labels=np.concatenate([r.labels for r in parts]),
+                    n_eval=self.n_eval, n_test=self.n_test, sources=sources)
+
+    def load_model(self, j: int) -> torch.nn.Module:
+        """Reference model j on the CPU, eval mode (its builder is found once, from the first model)."""
+        path = self.model_path(j)
+        state_dict, _ = load_state_dict(path)
+        if self._architecture is None:
+            self._architecture = discover_architecture(self.arch, state_dict, self.arch_dirs, what=str(path))
+        return load_into(self._architecture, state_dict, path)
+
+
+def load_reference_set(bundle_root: str | Path, victim: Victim, *, references_root: str | Path | None = None,
+                       arch_dirs: list[Path] | None = None, rebuild_manifest: bool = True) -> ReferenceSet | None:
+    """The victim's reference set as found on disk, or None when there is none.
+
+    Merges shards: the complete models are those on disk, whoever trained them, and manifest.json
+    is rewritten from them (``rebuild_manifest``). Models of another recipe are ignored here.
+    """
+    folder = references_folder(bundle_root, victim, references_root)
+    header = _read_json(folder / "manifest.json")
+    if header is None or header.get("format") != REFERENCES_FORMAT or not (folder / "masks.npy").is_file():
+        return None
+    header = {k: header[k] for k in _HEADER_KEYS if k in header}
+    try:
+        masks = np.load(folder / "masks.npy", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise MIAError(f"{folder / 'masks.npy'}: unreadable ({e})") from e
+    if masks.dtype != bool or masks.shape != (header["k"], header["pool"]["n"]):
+        raise MIAError(f"{folder / 'masks.npy'}: expected ({header['k']}, {header['pool']['n']}) bool masks, "
+                       f"got {masks.dtype} {masks.shape}")
+    complete, _ = scan_models(folder, header["k"], header["fingerprint"])
+    manifest = write_manifest(folder, header, complete) if rebuild_manifest else _build_manifest(header, complete)
+    return ReferenceSet(folder=folder, bundle_root=Path(bundle_root).resolve(), manifest=manifest, masks=masks,
+                        complete=tuple(sorted(complete)), arch_dirs=list(arch_dirs or default_arch_dirs(bundle_root)),
+                        models=complete)
