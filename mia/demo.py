@@ -63,7 +63,7 @@ from mia.devices import resolve_device
 from mia.errors import DataError, MIAError
 from mia.models.registry import REPO_ARCH_DIR, REPO_ARCHITECTURES, repo_builder
 from mia.core.thresholds import sweep
-from mia.training import TrainRecipe, train_classifier
+from mia.training import TrainRecipe, build_and_train
 
 # Bump when the recipe changes (splits, preprocessing, training): cached bundles are then rebuilt.
 DEMO_FORMAT_VERSION = 2  # 2: victims trained with random flips
@@ -437,16 +437,16 @@ def _train_victim(
     """Train one victim on its members; return (model on CPU in eval mode, architecture file, stats)."""
     seed = int(_victim_seed(config.seed, arch).generate_state(1)[0])
     width = int(config.widths[arch])
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
-        torch.manual_seed(seed)
-        builder = repo_builder(arch)
-        model, arch_file = builder.build(NUM_CLASSES, width), builder.file
+    builder = repo_builder(arch)
+    arch_file = builder.file
     x_train = torch.from_numpy(to_challenge_images(images[splits["members"]]))
     y_train = torch.from_numpy(labels[splits["members"]])
     recipe = TrainRecipe(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                          weight_decay=config.weight_decay, augment=config.augment, pad=config.pad)
-    seconds = train_classifier(model, x_train.numpy(), y_train.numpy(), recipe, seed=seed, device=device,
-                               desc=f"{arch} (width {width})", progress=progress)["seconds"]
+    model, trained = build_and_train(lambda: builder.build(NUM_CLASSES, width), x_train.numpy(), y_train.numpy(),
+                                     recipe, seed=seed, device=device, desc=f"{arch} (width {width})",
+                                     progress=progress)
+    seconds = trained["seconds"]
     model = model.to(device)
 
     model.eval()

@@ -7,6 +7,7 @@ CPU generator.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,3 +108,18 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
         bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}")
     model.cpu().float().eval()
     return {"seconds": time.perf_counter() - start, "final_loss": loss_avg, "final_train_acc": acc}
+
+
+def build_and_train(build: Callable[[], torch.nn.Module], images: np.ndarray, labels: np.ndarray,
+                    recipe: TrainRecipe, *, seed: int, device: torch.device, desc: str = "training",
+                    progress: bool = True) -> tuple[torch.nn.Module, dict]:
+    """The one seeded build-and-train of the demo victims and the reference models.
+
+    ``build()`` runs with torch's global RNG seeded by ``seed`` (forked: the caller's RNG is left as it
+    was), so the initial weights depend on ``seed`` alone; train_classifier is seeded by the same
+    ``seed``. Returns (model, train_classifier's figures); the model ends on the CPU in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    stats = train_classifier(model, images, labels, recipe, seed=seed, device=device, desc=desc, progress=progress)
+    return model, stats

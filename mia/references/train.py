@@ -31,7 +31,7 @@ from mia.references.store import (
     write_manifest,
 )
 from mia.scoring import IDENTITY, compute_logits
-from mia.training import train_classifier
+from mia.training import build_and_train
 
 # --------------------------------------------------------------------------------------------------
 # Training
@@ -42,11 +42,8 @@ def _fit_model(architecture: Architecture, width: int | None, images: np.ndarray
                desc: str, progress: bool) -> torch.nn.Module:
     """A model initialised from ``seed`` and trained on images (n, C, H, W) / labels (n,) with
     mia.training.train_classifier (the demo victims' loop); returned on the CPU in eval mode."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = architecture.build(width)
-    train_classifier(model, images, labels, recipe.train_recipe(), seed=seed, device=device, desc=desc,
-                     progress=progress)
+    model, _ = build_and_train(lambda: architecture.build(width), images, labels, recipe.train_recipe(), seed=seed,
+                               device=device, desc=desc, progress=progress)
     return model.cpu().float().eval()
 
 
