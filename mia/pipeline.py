@@ -145,17 +145,18 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         data.eval_noise_labels = scores("eval", eval_recs, queries, " noisy", labels_only=True)[0]
         data.test_noise_labels = scores("test", test_recs, queries, " noisy", labels_only=True)[0]
     if config.references:
-        from mia.references.attacks import victim_reference_features
+        from mia.references.attacks import ReferenceOptions, VictimAnswers, victim_reference_features
 
         # the references are queried on the victim's views that are also in config.reference_views
         allowed = {v.name for v in VIEW_SETS[config.reference_views]}
         idx = [i for i, name in enumerate(data.view_names) if name in allowed]
-        ref = victim_reference_features(bundle.root, victim, data.eval_logits[idx], data.test_logits[idx],
-                                        eval_recs.labels, test_recs.labels, [data.view_names[i] for i in idx],
-                                        device=config.device, batch_size=config.batch_size, progress=progress,
-                                        noise_predicted=(data.eval_noise_labels, data.test_noise_labels)
-                                        if data.noise_view_names else None,
-                                        noise_view_names=data.noise_view_names or None)
+        noisy = bool(data.noise_view_names)
+        answers = VictimAnswers(data.eval_logits[idx], data.test_logits[idx], eval_recs.labels, test_recs.labels,
+                                tuple(data.view_names[i] for i in idx),
+                                data.eval_noise_labels if noisy else None, data.test_noise_labels if noisy else None,
+                                tuple(data.noise_view_names) if noisy else None)
+        ref = victim_reference_features(bundle.root, victim, answers, ReferenceOptions(
+            device=config.device, batch_size=config.batch_size, progress=progress))
         if ref is not None:  # the label-only features come from the victim's predicted labels only
             data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k
     data.seconds = time.perf_counter() - t0

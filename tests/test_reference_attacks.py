@@ -1,6 +1,8 @@
 """mia.references.attacks: LiRA and RMIA against hand-computed values, memory, label-only, bundle entry points."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import tracemalloc
 
@@ -16,11 +18,11 @@ from mia.references.attacks import (
     label_lira,
     lira_offline,
     lira_online,
-    reference_features,
-    reference_label_only_features,
     rmia_dominance,
     rmia_log_ratios,
     rmia_scores,
+    ReferenceOptions,
+    VictimAnswers,
     victim_reference_features,
 )
 from mia.references import ReferenceRecipe, load_reference_set, reference_logits, train_references
@@ -202,13 +204,16 @@ def _victim_logits(bundle):
             ev.labels, te.labels, [v.name for v in views])
 
 
+def _answers(ev_logits, te_logits, ev_labels, te_labels, names, noisy=None, queries=None):
+    return VictimAnswers(ev_logits, te_logits, ev_labels, te_labels, tuple(names),
+                         *(noisy if noisy is not None else (None, None)),
+                         None if queries is None else tuple(q.name for q in queries))
+
+
 def test_reference_features_none_without_references(bundle, tmp_path):
-    ev_logits, te_logits, ev_labels, te_labels, names = _victim_logits(bundle)
-    victim = bundle.victims[0]
-    assert reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
-                              references_root=tmp_path) is None
-    assert reference_label_only_features(bundle.root, victim, ev_logits.argmax(-1), te_logits.argmax(-1), ev_labels,
-                                         te_labels, names, references_root=tmp_path) is None
+    answers = _answers(*_victim_logits(bundle))
+    assert victim_reference_features(bundle.root, bundle.victims[0], answers,
+                                     ReferenceOptions(references_root=tmp_path)) is None
 
 
 def test_reference_features_end_to_end(bundle, tmp_path):
@@ -216,32 +221,28 @@ def test_reference_features_end_to_end(bundle, tmp_path):
     train_references(bundle.root, victim, ReferenceRecipe(k=4, epochs=1, batch_size=16, device="cpu"),
                      progress=False, references_root=tmp_path)
     ev_logits, te_logits, ev_labels, te_labels, names = _victim_logits(bundle)
-    kwargs = dict(device="cpu", references_root=tmp_path)
-    assert reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
-                              min_models=5, **kwargs) is None  # only 4 models
-    feats = reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names, **kwargs)
+    answers = _answers(ev_logits, te_logits, ev_labels, te_labels, names)
+    options = ReferenceOptions(device="cpu", references_root=tmp_path)
+    assert victim_reference_features(bundle.root, victim, answers,
+                                     dataclasses.replace(options, min_models=5)) is None  # only 4 models
+    both = victim_reference_features(bundle.root, victim, answers, options)
+    assert both.k == 4
+    feats, label_only = both.posterior, both.label_only
     assert set(feats) == {"eval", "test"}
     for split, n in (("eval", 32), ("test", 32)):
         assert set(feats[split]) == {"lira_online", "lira_offline", "rmia"}
         for values in feats[split].values():
             assert values.shape == (n,) and values.dtype == np.float64 and np.isfinite(values).all()
         assert (0 <= feats[split]["rmia"]).all() and (feats[split]["rmia"] <= 1).all()
-    label_only = reference_label_only_features(bundle.root, victim, ev_logits.argmax(-1), te_logits.argmax(-1),
-                                               ev_labels, te_labels, names, **kwargs)
+    assert set(label_only["eval"]) == {"calibrated_aug_count", "label_lira"}
     assert label_only["eval"]["calibrated_aug_count"].shape == (32,)
     assert np.abs(label_only["test"]["calibrated_aug_count"]).max() <= 2  # two views
-    with pytest.raises(TypeError):
-        reference_label_only_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names, **kwargs)
-    # both at once, the references loaded once: the same values
-    both = victim_reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names, **kwargs)
-    assert both.k == 4
+    # the label-only values come from the victim's predicted labels only: the same from any logits with that argmax
+    onehot = np.eye(ev_logits.shape[-1], dtype=np.float32)
+    same_labels = _answers(onehot[ev_logits.argmax(-1)], onehot[te_logits.argmax(-1)], ev_labels, te_labels, names)
     for split in ("eval", "test"):
-        for name, values in feats[split].items():
-            np.testing.assert_array_equal(both.posterior[split][name], values)
-        for name, values in label_only[split].items():
-            np.testing.assert_array_equal(both.label_only[split][name], values)
-    assert victim_reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
-                                     min_models=5, **kwargs) is None
+        for name, values in victim_reference_features(bundle.root, victim, same_labels, options).label_only[split].items():
+            np.testing.assert_array_equal(values, label_only[split][name])
     # noisy label-only queries: the references answer the same queries (labels only)
     model, _ = load_victim_model(victim.arch, victim.checkpoint, bundle.arch_dirs)
     queries = noise_views((0.5, 1.0), 2)
@@ -249,8 +250,8 @@ def test_reference_features_end_to_end(bundle, tmp_path):
     te_images = load_records(victim.test_path, with_membership=False).images
     noisy = (compute_logits(model, ev_images, queries, device="cpu", labels_only=True),
              compute_logits(model, te_images, queries, device="cpu", labels_only=True))
-    with_noise = victim_reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
-                                           noise_predicted=noisy, noise_view_names=[q.name for q in queries], **kwargs)
+    with_noise = victim_reference_features(bundle.root, victim, _answers(ev_logits, te_logits, ev_labels, te_labels,
+                                                                         names, noisy, queries), options)
     ref_set = load_reference_set(bundle.root, victim, references_root=tmp_path)
     ref_noisy = reference_logits(ref_set, queries, device="cpu", labels_only=True)
     assert ref_noisy.shape == (4, 8, 64) and ref_noisy.dtype == np.int64
@@ -266,12 +267,11 @@ def test_reference_features_end_to_end(bundle, tmp_path):
         for name, values in label_only[split].items():  # the other features do not change
             np.testing.assert_array_equal(with_noise.label_only[split][name], values)
     with pytest.raises(ValueError, match="together"):
-        victim_reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
-                                  noise_predicted=noisy, **kwargs)
-    with pytest.raises(TypeError):
-        victim_reference_features(bundle.root, victim, ev_logits, te_logits, ev_labels, te_labels, names,
-                                  noise_predicted=(noisy[0].astype(float), noisy[1]),
-                                  noise_view_names=[q.name for q in queries], **kwargs)
+        victim_reference_features(bundle.root, victim, _answers(ev_logits, te_logits, ev_labels, te_labels, names,
+                                                                noisy), options)
+    with pytest.raises(TypeError):  # label-only inputs are integer labels, never scores
+        victim_reference_features(bundle.root, victim, _answers(ev_logits, te_logits, ev_labels, te_labels, names,
+                                                                (noisy[0].astype(float), noisy[1]), queries), options)
 
 
 def test_run_uses_references_for_every_task(tiny_bundle, copy_bundle, tmp_path):

@@ -75,11 +75,11 @@ __all__ = [
     "label_lira",
     "lira_offline",
     "lira_online",
-    "reference_features",
-    "reference_label_only_features",
     "rmia_dominance",
     "rmia_log_ratios",
     "rmia_scores",
+    "ReferenceOptions",
+    "VictimAnswers",
     "victim_reference_features",
 ]
 
@@ -412,72 +412,6 @@ def _victim_logits(eval_logits, test_logits, n_views: int, n: int) -> np.ndarray
     return target
 
 
-def reference_features(
-    bundle_root: str | Path,
-    victim: Victim,
-    eval_logits: np.ndarray,
-    test_logits: np.ndarray,
-    eval_labels: np.ndarray,
-    test_labels: np.ndarray,
-    view_names: list[str],
-    *,
-    device: str = "auto",
-    min_models: int = 2,
-    rmia_a: float = 0.3,
-    global_variance: bool | None = None,
-    references_root: str | Path | None = None,
-    batch_size: int = 256,
-    progress: bool = False,
-) -> dict[str, dict[str, np.ndarray]] | None:
-    """LiRA and RMIA features of the victim's eval and test records (see FEATURES).
-
-    eval_logits (V, n_eval, C) and test_logits (V, n_test, C): the victim's logits under the views
-    named by ``view_names`` (View.name strings; the references are queried under the same views).
-    Returns None when the victim has no reference set or fewer than ``min_models`` complete models;
-    else ``{'eval': {name: (n_eval,) float64}, 'test': {name: (n_test,) float64}}`` with names
-    'lira_online', 'lira_offline', 'rmia'. Raises MIAError when the references were trained on
-    other eval/test files.
-    """
-    both = victim_reference_features(bundle_root, victim, eval_logits, test_logits, eval_labels, test_labels,
-                                     view_names, device=device, min_models=min_models, rmia_a=rmia_a,
-                                     global_variance=global_variance, references_root=references_root,
-                                     batch_size=batch_size, progress=progress)
-    return None if both is None else both.posterior
-
-
-def reference_label_only_features(
-    bundle_root: str | Path,
-    victim: Victim,
-    eval_predicted: np.ndarray,
-    test_predicted: np.ndarray,
-    eval_labels: np.ndarray,
-    test_labels: np.ndarray,
-    view_names: list[str],
-    *,
-    device: str = "auto",
-    min_models: int = 2,
-    references_root: str | Path | None = None,
-    batch_size: int = 256,
-    progress: bool = False,
-) -> dict[str, dict[str, np.ndarray]] | None:
-    """Label-only 'calibrated_aug_count' and 'label_lira' of the victim's eval and test records.
-
-    eval_predicted (V, n_eval) and test_predicted (V, n_test): the victim's integer predicted labels
-    (argmax arrays, e.g. VictimData.predicted_labels) under the views named by ``view_names``.
-    Returns None without a usable reference set, else ``{'eval': {...}, 'test': {...}}``.
-    """
-    eval_predicted = integer_labels(eval_predicted, "eval_predicted")
-    test_predicted = integer_labels(test_predicted, "test_predicted")
-    eval_labels, test_labels = np.asarray(eval_labels), np.asarray(test_labels)
-    n_eval, n_test = len(eval_labels), len(test_labels)
-    loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=min_models,
-                              references_root=references_root, device=device, batch_size=batch_size, progress=progress)
-    if loaded is None:
-        return None
-    victim_predicted = np.concatenate([eval_predicted, test_predicted], axis=1)
-    return _split(_label_only_values(victim_predicted, *loaded, np.concatenate([eval_labels, test_labels])), n_eval)
-
-
 @dataclass
 class ReferenceFeatures:
     """Everything the reference models add to one victim's run (``victim_reference_features``)."""
@@ -488,36 +422,52 @@ class ReferenceFeatures:
     #   calibrated_noise_correct with noisy queries)
 
 
-def victim_reference_features(
-    bundle_root: str | Path,
-    victim: Victim,
-    eval_logits: np.ndarray,
-    test_logits: np.ndarray,
-    eval_labels: np.ndarray,
-    test_labels: np.ndarray,
-    view_names: list[str],
-    *,
-    device: str = "auto",
-    min_models: int = 2,
-    rmia_a: float = 0.3,
-    global_variance: bool | None = None,
-    references_root: str | Path | None = None,
-    batch_size: int = 256,
-    progress: bool = False,
-    noise_predicted: tuple[np.ndarray, np.ndarray] | None = None,
-    noise_view_names: list[str] | None = None,
-) -> ReferenceFeatures | None:
-    """``reference_features`` and ``reference_label_only_features`` at once, the reference set and its
-    logits loaded once. The label-only features see only the victim's predicted labels (the argmax
-    of its logits), as ``reference_label_only_features`` would be given them. None without references.
+@dataclass(frozen=True)
+class VictimAnswers:
+    """The victim's answers on its eval and test records, which its reference models are compared with."""
 
-    noise_predicted: the victim's integer predicted labels (eval (Q, n_eval), test (Q, n_test)) under
-    the Q noisy queries named by ``noise_view_names``: the references answer the same queries (labels
-    only) and the label-only features gain ``noise_lira`` (``label_lira`` over the noisy queries: how
-    much likelier the victim's answers are under the record's IN models than its OUT models) and
-    ``calibrated_noise_correct`` (the victim's fraction of correct noisy answers minus the mean
-    fraction of the record's OUT models)."""
-    eval_labels, test_labels = np.asarray(eval_labels), np.asarray(test_labels)
+    eval_logits: np.ndarray  # (V, n_eval, C) under the views named by view_names
+    test_logits: np.ndarray  # (V, n_test, C)
+    eval_labels: np.ndarray  # (n_eval,) true labels
+    test_labels: np.ndarray  # (n_test,)
+    view_names: tuple[str, ...]  # View.name of each view: the references are queried under the same views
+    eval_noise_labels: np.ndarray | None = None  # (Q, n_eval) integer predicted labels under noisy queries
+    test_noise_labels: np.ndarray | None = None  # (Q, n_test)
+    noise_view_names: tuple[str, ...] | None = None  # View.name of each noisy query
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """How the reference models are used."""
+
+    device: str = "auto"  # where the references compute their logits (cached)
+    min_models: int = 2  # fewer complete reference models: no reference features
+    rmia_a: float = 0.3  # RMIA's offline interpolation parameter
+    global_variance: bool | None = None  # LiRA: one variance for all records (None: when K is small)
+    references_root: Path | None = None  # None: <bundle>/references
+    batch_size: int = 256
+    progress: bool = False
+
+
+def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: VictimAnswers,
+                              options: ReferenceOptions = ReferenceOptions()) -> ReferenceFeatures | None:
+    """LiRA (online, offline), RMIA and the label-only likelihood ratios of the victim's eval and test
+    records, the reference set and its logits loaded once; None without a usable reference set (or with
+    fewer than ``options.min_models`` complete models). MIAError when the references were trained on
+    other eval/test files.
+
+    Posterior features: 'lira_online', 'lira_offline', 'rmia'. Label-only features see only the
+    victim's predicted labels (the argmax of its logits): 'calibrated_aug_count', 'label_lira', and with
+    noisy queries (``answers.*_noise_labels``, which the references answer too, labels only)
+    'noise_lira' (``label_lira`` over the noisy queries: how much likelier the victim's answers are
+    under the record's IN models than its OUT models) and 'calibrated_noise_correct' (the victim's
+    fraction of correct noisy answers minus the mean fraction of the record's OUT models)."""
+    eval_labels, test_labels = np.asarray(answers.eval_labels), np.asarray(answers.test_labels)
+    view_names, noise_view_names = list(answers.view_names), answers.noise_view_names
+    noise_predicted = (None if answers.eval_noise_labels is None and answers.test_noise_labels is None
+                       else (answers.eval_noise_labels, answers.test_noise_labels))
+    noise_view_names = None if noise_view_names is None else list(noise_view_names)
+    o = options
     n_eval, n_test = len(eval_labels), len(test_labels)
     if (noise_predicted is None) != (noise_view_names is None):
         raise ValueError("noise_predicted and noise_view_names come together")
@@ -527,15 +477,16 @@ def victim_reference_features(
         if victim_noisy.shape != (len(noise_view_names), n_eval + n_test):
             raise ValueError(f"noise_predicted must be (Q={len(noise_view_names)}, n_eval) and (Q, n_test), got "
                              f"{[np.shape(a) for a in noise_predicted]}")
-    loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=min_models,
-                              references_root=references_root, device=device, batch_size=batch_size, progress=progress,
-                              noise_view_names=noise_view_names)
+    loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=o.min_models,
+                              references_root=o.references_root, device=o.device, batch_size=o.batch_size,
+                              progress=o.progress, noise_view_names=noise_view_names)
     if loaded is None:
         return None
     ref_logits, masks = loaded[:2]
     labels = np.concatenate([eval_labels, test_labels])
-    target = _victim_logits(eval_logits, test_logits, len(view_names), n_eval + n_test)
-    posterior = _posterior_values(target, ref_logits, masks, labels, rmia_a=rmia_a, global_variance=global_variance)
+    target = _victim_logits(answers.eval_logits, answers.test_logits, len(view_names), n_eval + n_test)
+    posterior = _posterior_values(target, ref_logits, masks, labels, rmia_a=o.rmia_a,
+                                  global_variance=o.global_variance)
     label_only = _label_only_values(target.argmax(axis=-1), ref_logits, masks, labels)
     if noise_view_names is not None:
         ref_noisy = loaded[2]
