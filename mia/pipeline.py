@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mia import attacks
+from mia.selection import Selection, select
 from mia.bundle import Bundle, Victim, discover
 from mia.config import RunConfig, TaskConfig
 from mia.io.records import Records
@@ -169,8 +170,8 @@ class TaskOutcome:
 
     task: TaskConfig
     victim: str
-    used: attacks.Selection  # what the submission's predictions come from
-    seed: attacks.Selection  # the seed's method on the same records
+    used: Selection  # what the submission's predictions come from
+    seed: Selection  # the seed's method on the same records
     curves: dict[str, Sweep]  # accuracy-vs-threshold on eval for each single-signal candidate
     eval_membership: np.ndarray  # (n_eval,)
     eval_labels: np.ndarray  # (n_eval,)
@@ -204,13 +205,13 @@ def attack_victim(data: VictimData, config: RunConfig) -> list[TaskOutcome]:
             strong_cands = attacks.strong_label_only_candidates(list(ev))
         common = dict(k=config.folds, seed=config.seed, min_class_count=config.min_class_count,
                       test_membership=data.answers)
-        seed_sel = attacks.select(seed_cands, ev, data.eval.labels, m_eval, te, data.test.labels,
+        seed_sel = select(seed_cands, ev, data.eval.labels, m_eval, te, data.test.labels,
                                   selection="in_sample", **common)
         used = seed_sel
         if config.method == "strong":
             floor = (attacks.SEED_POSTERIOR_CANDIDATE if task.access == "posterior"
                      else attacks.SEED_LABEL_ONLY_CANDIDATE).name
-            used = attacks.select(strong_cands, ev, data.eval.labels, m_eval, te, data.test.labels,
+            used = select(strong_cands, ev, data.eval.labels, m_eval, te, data.test.labels,
                                   selection="cv", floor=floor, **common)
         curves = {name: sweep(values, m_eval) for name, values in ev.items() if not attacks.is_view_input(name)}
         outcomes.append(TaskOutcome(task, data.victim.name, used, seed_sel, curves, m_eval, data.eval.labels, ev,

@@ -59,7 +59,8 @@ def tiny_bundle(tmp_path_factory, _one_torch_thread) -> Path:
     """Path of a tiny demo bundle (3 victims: <arch>_fashionmnist), built once per session. Read only.
 
     Skips when Fashion-MNIST is not installed (``make test`` installs it)."""
-    from mia.demo import DemoConfig, build_demo, find_fashion_mnist
+    from mia.demo import DemoConfig, build_demo
+    from mia.io.fashion_mnist import find_fashion_mnist
     from mia.errors import MIAError
 
     try:

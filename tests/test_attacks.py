@@ -13,7 +13,9 @@ from scipy.stats import norm
 
 from mia import attacks
 from mia.core import signals as sig
-from mia.attacks import Candidate, cross_validate, fit, label_only_features, posterior_features, select
+from mia import selection
+from mia.attacks import Candidate, fit, label_only_features, posterior_features
+from mia.selection import cross_validate, select
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -151,14 +153,14 @@ def test_label_only_features_refuse_floats(array):
 def test_stratified_folds_balanced_and_deterministic():
     rng = np.random.default_rng(3)
     membership = rng.permutation(np.r_[np.ones(13, np.int64), np.zeros(22, np.int64)])
-    folds = attacks.stratified_folds(membership, 5, seed=7)
+    folds = selection.stratified_folds(membership, 5, seed=7)
     assert folds.shape == (35,) and folds.dtype == np.int64
     assert set(folds.tolist()) == set(range(5))
     for cls, total in ((1, 13), (0, 22)):
         counts = np.bincount(folds[membership == cls], minlength=5)
         assert counts.sum() == total and counts.max() - counts.min() <= 1
-    np.testing.assert_array_equal(folds, attacks.stratified_folds(membership, 5, seed=7))
-    assert not np.array_equal(folds, attacks.stratified_folds(membership, 5, seed=8))
+    np.testing.assert_array_equal(folds, selection.stratified_folds(membership, 5, seed=7))
+    assert not np.array_equal(folds, selection.stratified_folds(membership, 5, seed=8))
 
 
 def test_cross_validation_never_scores_a_record_with_a_fit_that_saw_it():
@@ -168,7 +170,7 @@ def test_cross_validation_never_scores_a_record_with_a_fit_that_saw_it():
     feats = {"s": m + rng.normal(size=40)}
     labels = np.zeros(40, np.int64)
     _, preds = cross_validate(Candidate("global", "s"), feats, labels, m, k=4, seed=5)
-    folds = attacks.stratified_folds(m, 4, seed=5)
+    folds = selection.stratified_folds(m, 4, seed=5)
     for f in range(4):
         train = folds != f
         t = fit(Candidate("global", "s"), {"s": feats["s"][train]}, labels[train], m[train]).threshold
@@ -349,13 +351,13 @@ def test_class_standardized_logreg_uses_class_offsets():
 
 def test_one_standard_error_rule_prefers_higher_auc_among_near_ties():
     def report(name, acc, auc):
-        return attacks.CandidateReport(name, "", {"accuracy": acc, "auc": auc}, {}, {})
+        return selection.CandidateReport(name, "", {"accuracy": acc, "auc": auc}, {}, {})
 
     # n = 2500, best accuracy 0.6: one standard error = sqrt(0.6 * 0.4 / 2500) = 0.0098
     reports = [report("a", 0.600, 0.60), report("b", 0.592, 0.70), report("c", 0.585, 0.90)]
-    assert attacks._one_standard_error_choice(reports, 2500) == "b"  # c is 0.015 below: too far
+    assert selection._one_standard_error_choice(reports, 2500) == "b"  # c is 0.015 below: too far
     reports = [report("a", 0.600, 0.60), report("b", 0.600, 0.60)]
-    assert attacks._one_standard_error_choice(reports, 2500) == "a"  # full tie: the earlier one
+    assert selection._one_standard_error_choice(reports, 2500) == "a"  # full tie: the earlier one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,16 +365,16 @@ def test_one_standard_error_rule_prefers_higher_auc_among_near_ties():
 
 
 def _cv_report(name, acc, auc):
-    return attacks.CandidateReport(name, name, {"accuracy": acc, "auc": auc}, {}, {})
+    return selection.CandidateReport(name, name, {"accuracy": acc, "auc": auc}, {}, {})
 
 
 def test_floor_excludes_candidates_below_the_seed_even_within_one_standard_error():
     # n = 500: one standard error at 60 % is 2.2 points; "fancy" is within it but below the seed's CV accuracy
     reports = [_cv_report("fancy", 0.595, 0.70), _cv_report("other", 0.605, 0.62), _cv_report("seed_method", 0.60, 0.61)]
-    assert attacks._one_standard_error_choice(reports, 500) == "fancy"  # the rule without a floor
-    assert attacks._one_standard_error_choice(reports, 500, "seed_method") == "other"
+    assert selection._one_standard_error_choice(reports, 500) == "fancy"  # the rule without a floor
+    assert selection._one_standard_error_choice(reports, 500, "seed_method") == "other"
     reports[1] = _cv_report("other", 0.59, 0.62)
-    assert attacks._one_standard_error_choice(reports, 500, "seed_method") == "seed_method"
+    assert selection._one_standard_error_choice(reports, 500, "seed_method") == "seed_method"
 
 
 def test_seed_candidate_fits_what_the_seeds_in_sample_choice_fits():
@@ -380,7 +382,7 @@ def test_seed_candidate_fits_what_the_seeds_in_sample_choice_fits():
     m = np.tile([0, 1], 100)
     feats = {s: rng.normal(size=200) + (1.5 if s == "neg_loss" else 0.1) * m for s in sig.SEED_SIGNALS}
     labels = rng.integers(0, 10, 200)
-    seed_sel = attacks.select(attacks.SEED_POSTERIOR, feats, labels, m, feats, labels, selection="in_sample")
+    seed_sel = selection.select(attacks.SEED_POSTERIOR, feats, labels, m, feats, labels, selection="in_sample")
     fitted = attacks.fit(attacks.SEED_POSTERIOR_CANDIDATE, feats, labels, m)
     assert seed_sel.chosen == "neg_loss"
     assert fitted.inner.candidate.signal == "neg_loss"
@@ -400,7 +402,7 @@ def test_chosen_attack_is_never_below_the_seed_by_cross_validation(seed):
     names = list(sig.SEED_SIGNALS) + ["hinge", "logit_scaled_confidence"]
     feats = {s: rng.normal(size=n) + rng.uniform(0, 0.5) * m for s in names}
     cands = attacks.strong_posterior_candidates(names)
-    sel = attacks.select(cands, feats, labels, m, feats, labels, selection="cv", floor="seed_method",
+    sel = selection.select(cands, feats, labels, m, feats, labels, selection="cv", floor="seed_method",
                          min_class_count=5)
     cv = {r.name: r.cv["accuracy"] for r in sel.candidates}
     assert cv[sel.chosen] >= cv["seed_method"] - 1e-12

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mia import demo
+from mia.io import fashion_mnist
 from mia.io.checkpoints import load_state_dict
 from mia.models.loading import load_victim_model
 from mia.io.records import load_records
@@ -31,7 +32,7 @@ def _idx_bytes(array: np.ndarray, code: int) -> bytes:
 
 def _have_fashion_mnist() -> bool:
     try:
-        demo.find_fashion_mnist()
+        fashion_mnist.find_fashion_mnist()
     except MIAError:
         return False
     return True
@@ -51,7 +52,7 @@ def test_read_idx_raw_and_gz_give_the_same_array(tmp_path):
     (tmp_path / "raw-idx3-ubyte").write_bytes(data)
     (tmp_path / "packed-idx3-ubyte.gz").write_bytes(gzip.compress(data))
     for name in ("raw-idx3-ubyte", "packed-idx3-ubyte.gz"):
-        got = demo.read_idx(tmp_path / name)
+        got = fashion_mnist.read_idx(tmp_path / name)
         assert got.dtype == np.uint8 and got.shape == (2, 3, 2)
         np.testing.assert_array_equal(got, array)
 
@@ -60,7 +61,7 @@ def test_read_idx_big_endian_int32_comes_back_native(tmp_path):
     path = tmp_path / "ints-idx1"
     # 70000 = 0x00011170: wrong byte order would read 1880162560
     path.write_bytes(b"\x00\x00\x0c\x01" + struct.pack(">I", 3) + struct.pack(">3i", 1, -2, 70000))
-    got = demo.read_idx(path)
+    got = fashion_mnist.read_idx(path)
     assert got.dtype == np.int32 and got.dtype.isnative
     assert got.tolist() == [1, -2, 70000]
 
@@ -80,18 +81,18 @@ def test_read_idx_rejects_corrupt_files(tmp_path, content, message):
     path = tmp_path / "bad-idx"
     path.write_bytes(content)
     with pytest.raises(DataError, match=message) as info:
-        demo.read_idx(path)
+        fashion_mnist.read_idx(path)
     assert info.value.path == path
     path.write_bytes(gzip.compress(content))
     with pytest.raises(DataError, match=message):
-        demo.read_idx(path)
+        fashion_mnist.read_idx(path)
 
 
 def test_read_idx_truncated_gzip_is_a_data_error(tmp_path):
     path = tmp_path / "cut-idx.gz"
     path.write_bytes(gzip.compress(_idx_bytes(np.zeros((4, 4), np.uint8), 0x08))[:-6])
     with pytest.raises(DataError, match="cannot read"):
-        demo.read_idx(path)
+        fashion_mnist.read_idx(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def test_read_idx_truncated_gzip_is_a_data_error(tmp_path):
 def _fake_fmnist(folder: Path, gz: bool) -> Path:
     """Four tiny IDX files under the Fashion-MNIST names (find only checks that they exist)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in demo.FASHION_MNIST_FILES:
+    for name in fashion_mnist.FASHION_MNIST_FILES:
         data = _idx_bytes(np.zeros((1, 28, 28) if "images" in name else (1,), np.uint8), 0x08)
         if gz:
             (folder / f"{name}.gz").write_bytes(gzip.compress(data))
@@ -116,36 +117,36 @@ def test_find_fashion_mnist_order_and_layouts(tmp_path, monkeypatch):
     default = _fake_fmnist(tmp_path / "default", gz=True)
     torchvision_root = tmp_path / "tv"
     _fake_fmnist(torchvision_root / "FashionMNIST" / "raw", gz=False)
-    monkeypatch.setattr(demo, "DEFAULT_FASHION_MNIST_DIR", default)
-    monkeypatch.setenv(demo.FASHION_MNIST_ENV, str(from_env))
+    monkeypatch.setattr(fashion_mnist, "DEFAULT_FASHION_MNIST_DIR", default)
+    monkeypatch.setenv(fashion_mnist.FASHION_MNIST_ENV, str(from_env))
 
-    assert demo.find_fashion_mnist(explicit) == explicit
-    assert demo.find_fashion_mnist(str(torchvision_root)) == torchvision_root / "FashionMNIST" / "raw"
-    assert demo.find_fashion_mnist() == from_env
-    monkeypatch.delenv(demo.FASHION_MNIST_ENV)
-    assert demo.find_fashion_mnist() == default
+    assert fashion_mnist.find_fashion_mnist(explicit) == explicit
+    assert fashion_mnist.find_fashion_mnist(str(torchvision_root)) == torchvision_root / "FashionMNIST" / "raw"
+    assert fashion_mnist.find_fashion_mnist() == from_env
+    monkeypatch.delenv(fashion_mnist.FASHION_MNIST_ENV)
+    assert fashion_mnist.find_fashion_mnist() == default
 
 
 def test_find_fashion_mnist_incomplete_folder_is_an_error(tmp_path):
     folder = _fake_fmnist(tmp_path / "some", gz=True)
     (folder / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(MIAError, match="not found"):
-        demo.find_fashion_mnist(folder)
+        fashion_mnist.find_fashion_mnist(folder)
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setattr(demo, "DEFAULT_FASHION_MNIST_DIR", tmp_path / "nowhere")
-    monkeypatch.setenv(demo.FASHION_MNIST_ENV, str(empty))
+    monkeypatch.setattr(fashion_mnist, "DEFAULT_FASHION_MNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setenv(fashion_mnist.FASHION_MNIST_ENV, str(empty))
     with pytest.raises(MIAError) as info:
-        demo.find_fashion_mnist()
+        fashion_mnist.find_fashion_mnist()
     text = str(info.value)
     assert str(empty) in text and "apt-get install dataset-fashion-mnist" in text and "MIA_FASHION_MNIST" in text
 
-    monkeypatch.delenv(demo.FASHION_MNIST_ENV)
+    monkeypatch.delenv(fashion_mnist.FASHION_MNIST_ENV)
     with pytest.raises(MIAError, match="apt-get install dataset-fashion-mnist"):
-        demo.find_fashion_mnist()
+        fashion_mnist.find_fashion_mnist()
     # build_demo reports the same error before touching the output directory
     out = tmp_path / "bundle"
     with pytest.raises(MIAError, match="MIA_FASHION_MNIST"):
@@ -161,16 +162,16 @@ def test_to_challenge_images_pads_scales_and_repeats():
     images = np.zeros((2, 28, 28), np.uint8)
     images[1] = 255
     images[0, 0, 0] = 51  # 0.2 after scaling
-    out = demo.to_challenge_images(images)
+    out = fashion_mnist.to_challenge_images(images)
     assert out.shape == (2, 3, 32, 32) and out.dtype == np.float32
-    zero = (0.0 - demo.FMNIST_MEAN) / demo.FMNIST_STD
-    one = (1.0 - demo.FMNIST_MEAN) / demo.FMNIST_STD
+    zero = (0.0 - fashion_mnist.FMNIST_MEAN) / fashion_mnist.FMNIST_STD
+    one = (1.0 - fashion_mnist.FMNIST_MEAN) / fashion_mnist.FMNIST_STD
     # the 2-px border is a black pixel for both images
     border = np.ones((32, 32), bool)
     border[2:30, 2:30] = False
     np.testing.assert_allclose(out[:, :, border], zero, rtol=1e-6)
     np.testing.assert_allclose(out[1, :, 2:30, 2:30], one, rtol=1e-6)
-    np.testing.assert_allclose(out[0, :, 2, 2], (0.2 - demo.FMNIST_MEAN) / demo.FMNIST_STD, rtol=1e-6)
+    np.testing.assert_allclose(out[0, :, 2, 2], (0.2 - fashion_mnist.FMNIST_MEAN) / fashion_mnist.FMNIST_STD, rtol=1e-6)
     np.testing.assert_allclose(out[0, :, 3:30, 3:30], zero, rtol=1e-6)
     assert (out[:, 0] == out[:, 1]).all() and (out[:, 0] == out[:, 2]).all()
 
@@ -178,7 +179,7 @@ def test_to_challenge_images_pads_scales_and_repeats():
 @pytest.mark.parametrize("bad", [np.zeros((2, 28, 28), np.float32), np.zeros((2, 32, 32), np.uint8), np.zeros((28, 28), np.uint8)])
 def test_to_challenge_images_rejects_other_inputs(bad):
     with pytest.raises(ValueError, match="uint8"):
-        demo.to_challenge_images(bad)
+        fashion_mnist.to_challenge_images(bad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,7 +244,7 @@ def test_fingerprint_ignores_where_not_what(tmp_path):
 
 @needs_fmnist
 def test_load_fashion_mnist_shapes():
-    images, labels = demo.load_fashion_mnist()
+    images, labels = fashion_mnist.load_fashion_mnist()
     assert images.shape == (70000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (70000,) and labels.dtype == np.int64
     assert np.bincount(labels).tolist() == [7000] * 10
@@ -282,7 +283,7 @@ def test_tiny_build_has_the_challenge_layout(tiny_bundle):
 
 
 def test_tiny_build_records_splits_and_answers(tiny_bundle):
-    images, labels = demo.load_fashion_mnist()
+    images, labels = fashion_mnist.load_fashion_mnist()
     indices = np.load(tiny_bundle.path / "demo_indices.npz")
     for arch in ARCHS:
         ev = load_records(tiny_bundle.path / "datasets/eval" / f"fashionmnist_{arch}.p", with_membership=True,
@@ -299,8 +300,8 @@ def test_tiny_build_records_splits_and_answers(tiny_bundle):
         ev_idx, te_idx = indices[f"{arch}_eval"], indices[f"{arch}_test"]
         assert len(members) == 64 and len(holdout) == 32
         # the recorded indices are the records' true sources
-        np.testing.assert_array_equal(ev.images, demo.to_challenge_images(images[ev_idx]))
-        np.testing.assert_array_equal(te.images, demo.to_challenge_images(images[te_idx]))
+        np.testing.assert_array_equal(ev.images, fashion_mnist.to_challenge_images(images[ev_idx]))
+        np.testing.assert_array_equal(te.images, fashion_mnist.to_challenge_images(images[te_idx]))
         np.testing.assert_array_equal(ev.labels, labels[ev_idx])
         np.testing.assert_array_equal(te.labels, labels[te_idx])
         # membership is truth: members are in the training set, non-members nowhere near it

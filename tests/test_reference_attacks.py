@@ -12,7 +12,7 @@ import pytest
 from mia.bundle import discover
 from mia.models.loading import load_victim_model
 from mia.io.records import load_records
-from mia.references.attacks import (
+from mia.core.reference_stats import (
     calibrated_aug_count,
     fit_gaussians,
     label_lira,
@@ -21,10 +21,8 @@ from mia.references.attacks import (
     rmia_dominance,
     rmia_log_ratios,
     rmia_scores,
-    ReferenceOptions,
-    VictimAnswers,
-    victim_reference_features,
 )
+from mia.references.attacks import ReferenceOptions, VictimAnswers, victim_reference_features
 from mia.references import ReferenceRecipe, load_reference_set, reference_logits, train_references
 from mia.scoring import FLIP, IDENTITY, compute_logits, noise_views
 

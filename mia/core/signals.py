@@ -251,3 +251,13 @@ def all_signals(logits, labels) -> dict[str, np.ndarray]:
     """
     q = _prepare(logits, labels)
     return {name: _IMPLS[name](q) for name in SIGNALS}
+
+
+def integer_labels(array, what: str) -> np.ndarray:
+    """``array`` as an integer array; TypeError for anything else: probabilities or logits must never
+    reach a label-only attack (the one check behind every label-only entry point)."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{what} must be integer predicted labels, got dtype {array.dtype}: probabilities or logits "
+                        "must not reach a label-only attack")
+    return array

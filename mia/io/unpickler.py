@@ -1,3 +1,5 @@
+# size: one idea, the restricted unpickler: one checked handler per allowed global and per opcode that builds
+# containers; splitting it would scatter the allowlist from the checks that make it safe.
 """The restricted unpickler: reading strangers' dataset pickles without running their code.
 
 The pickles come from file-sharing links, so they are untrusted. ``safe_load_pickle`` uses an

@@ -1,0 +1,327 @@
+"""The statistics of reference-model attacks, as arrays in and arrays out: LiRA, RMIA, label-only ratios.
+
+mia.references.attacks feeds them from a bundle's reference models.
+
+A record's membership signal means little on its own: some records are easy (every model is
+confident on them) and some hard. Reference models (mia.references) trained with and without the
+record tell what the victim's signal would look like in either case.
+
+Notation: V query views, K reference models, n records. ``in_mask`` (K, n) bool is True where
+reference model k trained on record i (IN), False where it did not (OUT). Only a record's own IN
+models feed its IN statistics and only its OUT models its OUT statistics.
+
+Features (each (n,) float64, larger = more likely member):
+
+============  ===================================================================================
+lira_online   LiRA (Carlini et al. 2022, "Membership inference attacks from first principles").
+              Statistic: logit-scaled confidence ``phi = log(p_y / (1 - p_y))`` per view.
+              Per record and view, Gaussians N(mu_in, s_in^2) and N(mu_out, s_out^2) are fitted
+              to the IN and the OUT references' phi; the score is the log-likelihood ratio
+              summed over views: sum_v [log N(phi_v; mu_in, s_in^2) - log N(phi_v; mu_out, s_out^2)].
+lira_offline  LiRA's offline variant: only the OUT Gaussian, one-sided (a member's phi is
+              larger): -sum_v log Pr[Z_v > phi_v], Z_v ~ N(mu_out, s_out^2) (``-norm.logsf``, which
+              keeps its resolution far in the tail where ``Pr[Z < phi]`` rounds to 1).
+rmia          RMIA (Zarifzadeh et al. 2024, "Low-cost high-power membership inference attacks"),
+              offline. p(x|theta) = p_y averaged over views. Ratio r(x) = p(x|victim) / p(x) with
+              p(x) = (1 + a)/2 * mean_OUT p(x|theta_k) + (1 - a)/2 (the paper's offline estimate
+              of the mean over IN and OUT models). Score = fraction of population records z with
+              r(x) / r(z) > gamma; the population is the other eval and test records (the record
+              itself excluded). Computed by sorting the population ratios once and binary search:
+              O((n + m) log m) time, O(n + m) memory, never an n x m array.
+============  ===================================================================================
+
+Variances (LiRA): the mean and unbiased variance of each group per record and view, or one global
+variance per view shared by IN and OUT (the within-record deviations of both groups pooled over all
+records) when few models are available: ``global_variance=None`` chooses global when K < 16
+(Carlini et al. fix the variance for small K too). With a shared variance the online score is
+linear in the victim's statistic, so it cannot turn against a record the victim fits far better
+than any reference (which separate IN and OUT variances do when IN is the narrower one: weakly
+trained references). A record whose group has fewer than two models uses the global variance;
+variances are floored at MIN_VARIANCE. A record with no IN (or no OUT) model, which happens only
+with an incomplete reference set, gets that group's mean as the other group's mean shifted by the
+average IN - OUT difference of the records that have both.
+
+Label-only (task 3): ``calibrated_aug_count`` = the victim's number of views still classified
+correctly minus the mean of that number over the record's OUT references; ``label_lira`` = the
+log-likelihood ratio of the victim's per-view correctness under the record's IN and OUT references'
+correctness rates (LiRA's online test with Bernoulli instead of Gaussian statistics). When the run
+makes noisy label-only queries the references answer them too: ``noise_lira`` and
+``calibrated_noise_correct`` are the same two statistics over those queries. The victim enters only
+through integer predicted labels (the caller passes argmax arrays); the reference models are the
+attacker's own, so their predictions are free to use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mia.core.signals import integer_labels
+
+__all__ = [
+    "AUTO_GLOBAL_BELOW",
+    "FEATURES",
+    "GaussianFit",
+    "LABEL_ONLY_FEATURES",
+    "MIN_VARIANCE",
+    "calibrated_aug_count",
+    "fit_gaussians",
+    "label_lira",
+    "lira_offline",
+    "lira_online",
+    "rmia_dominance",
+    "rmia_log_ratios",
+    "rmia_scores",
+]
+
+AUTO_GLOBAL_BELOW = 16  # global_variance=None: global variance when fewer reference models than this
+MIN_VARIANCE = 1e-6  # floor of every fitted variance (phi units squared)
+
+FEATURES = {
+    "lira_online": "LiRA online: log-likelihood ratio of IN vs OUT Gaussians of logit-scaled confidence, summed over views",
+    "lira_offline": "LiRA offline: -log Pr[OUT Gaussian > victim's logit-scaled confidence], summed over views",
+    "rmia": "RMIA offline: fraction of other eval/test records z with r(x)/r(z) > 1, r = victim p_y / reference p_y",
+}
+LABEL_ONLY_FEATURES = {
+    "calibrated_aug_count": "views classified correctly by the victim minus the mean over the record's OUT references",
+    "label_lira": "log-likelihood ratio of the victim's per-view correctness under IN vs OUT reference correctness rates",
+    "noise_lira": "label_lira over the noisy label-only queries",
+    "calibrated_noise_correct": "fraction of noisy queries correct for the victim minus the mean over the OUT references",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# LiRA
+
+
+@dataclass
+class GaussianFit:
+    """Per record and view Gaussians of the IN and OUT reference statistics."""
+
+    mu_in: np.ndarray  # (V, n) float64
+    var_in: np.ndarray  # (V, n) float64, > 0
+    mu_out: np.ndarray  # (V, n)
+    var_out: np.ndarray  # (V, n)
+    n_in: np.ndarray  # (n,) int64, IN models per record
+    n_out: np.ndarray  # (n,) int64
+    global_variance: bool  # True when one variance per view and group was used for every record
+
+
+def _check_shapes(reference: np.ndarray, in_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    reference = np.asarray(reference, dtype=np.float64)
+    in_mask = np.asarray(in_mask)
+    if reference.ndim != 3:
+        raise ValueError(f"reference statistics must be (K, V, n), got shape {reference.shape}")
+    if in_mask.dtype != bool or in_mask.shape != (reference.shape[0], reference.shape[2]):
+        raise ValueError(f"in_mask must be ({reference.shape[0]}, {reference.shape[2]}) bool, "
+                         f"got {in_mask.dtype} {in_mask.shape}")
+    if not np.isfinite(reference).all():
+        raise ValueError("reference statistics contain NaN or inf")
+    return reference, in_mask
+
+
+def _group(reference: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean (V, n) with NaN where a record has no model, sum of squared deviations (V, n), count (n,))."""
+    w = mask[:, None, :].astype(np.float64)  # (K, 1, n)
+    count = mask.sum(axis=0).astype(np.int64)
+    total = (reference * w).sum(axis=0)
+    mean = np.divide(total, count, out=np.full_like(total, np.nan), where=count > 0)
+    centred = reference - np.nan_to_num(mean)[None]
+    ss = (centred**2 * w).sum(axis=0)
+    return mean, ss, count
+
+
+def _pooled(ss: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """(V,) within-record variance pooled over records: sum of squares / degrees of freedom (NaN if none)."""
+    dof = np.clip(count - 1, 0, None).sum()
+    return ss.sum(axis=1) / dof if dof > 0 else np.full(ss.shape[0], np.nan)
+
+
+def fit_gaussians(reference: np.ndarray, in_mask: np.ndarray, *, global_variance: bool | None = None,
+                  min_variance: float = MIN_VARIANCE) -> GaussianFit:
+    """Fit the IN and OUT Gaussians of every record and view.
+
+    reference: (K, V, n) statistic of each reference model; in_mask: (K, n) bool.
+    global_variance: True / False forces it; None means global when K < AUTO_GLOBAL_BELOW.
+    Means are the group means; variances the unbiased per-record ones (ddof=1) or the within-record
+    variance of both groups pooled per view (see the module docstring). ValueError when no record has both
+    an IN and an OUT model.
+    """
+    reference, in_mask = _check_shapes(reference, in_mask)
+    use_global = reference.shape[0] < AUTO_GLOBAL_BELOW if global_variance is None else bool(global_variance)
+    mu_in, ss_in, n_in = _group(reference, in_mask)
+    mu_out, ss_out, n_out = _group(reference, ~in_mask)
+    both = (n_in > 0) & (n_out > 0)
+    if not both.any():
+        raise ValueError("no record has both an IN and an OUT reference model; train more reference models")
+    shift = (mu_in[:, both] - mu_out[:, both]).mean(axis=1, keepdims=True)  # (V, 1)
+    mu_in = np.where(n_in > 0, mu_in, mu_out + shift)
+    mu_out = np.where(n_out > 0, mu_out, mu_in - shift)
+
+    # One variance per view shared by both groups: the within-record deviations of IN and OUT pooled.
+    pooled = _pooled(np.concatenate([ss_in, ss_out], axis=1), np.concatenate([n_in, n_out]))
+    spread = reference.var(axis=(0, 2))  # no degrees of freedom at all: the spread of every statistic
+    pooled = np.where(np.isnan(pooled), spread, pooled)[:, None]  # (V, 1)
+
+    shape = mu_in.shape
+    if use_global:
+        var_in = np.broadcast_to(pooled, shape).copy()
+        var_out = var_in.copy()
+    else:
+        var_in = np.where(n_in >= 2, ss_in / np.maximum(n_in - 1, 1), pooled)
+        var_out = np.where(n_out >= 2, ss_out / np.maximum(n_out - 1, 1), pooled)
+    return GaussianFit(mu_in, np.maximum(var_in, min_variance), mu_out, np.maximum(var_out, min_variance),
+                       n_in, n_out, use_global)
+
+
+def _check_target(target: np.ndarray, fit: GaussianFit) -> np.ndarray:
+    target = np.asarray(target, dtype=np.float64)
+    if target.shape != fit.mu_in.shape:
+        raise ValueError(f"target statistics must be (V, n) = {fit.mu_in.shape}, got {target.shape}")
+    if not np.isfinite(target).all():
+        raise ValueError("target statistics contain NaN or inf")
+    return target
+
+
+def lira_online(target: np.ndarray, fit: GaussianFit) -> np.ndarray:
+    """sum_v [log N(x_v; mu_in, var_in) - log N(x_v; mu_out, var_out)]. target (V, n) -> (n,) float64."""
+    x = _check_target(target, fit)
+    llr = (0.5 * (np.log(fit.var_out) - np.log(fit.var_in))
+           - (x - fit.mu_in) ** 2 / (2 * fit.var_in)
+           + (x - fit.mu_out) ** 2 / (2 * fit.var_out))
+    return llr.sum(axis=0)
+
+
+def lira_offline(target: np.ndarray, fit: GaussianFit) -> np.ndarray:
+    """-sum_v log Pr[Z_v > x_v], Z_v ~ N(mu_out, var_out). target (V, n) -> (n,) float64, >= 0."""
+    from scipy.special import log_ndtr  # here: scipy costs 0.4 s to import
+    x = _check_target(target, fit)
+    z = (x - fit.mu_out) / np.sqrt(fit.var_out)
+    return -log_ndtr(-z).sum(axis=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# RMIA
+
+
+def rmia_log_ratios(target_log_p: np.ndarray, reference_log_p: np.ndarray, in_mask: np.ndarray, *,
+                    a: float = 0.3) -> np.ndarray:
+    """log r(x) = log p(x|victim) - log p(x), offline RMIA. -> (n,) float64.
+
+    target_log_p: (V, n) log p_y of the victim per view; reference_log_p: (K, V, n); in_mask (K, n).
+    p(x|theta) is p_y averaged over the views (in probability space). p(x) = (1+a)/2 * m + (1-a)/2
+    with m the mean of p(x|theta_k) over the record's OUT models (over its IN models for a record
+    that has no OUT model, which only an incomplete reference set produces). 0 <= a <= 1.
+    """
+    from scipy.special import logsumexp  # here: scipy costs 0.4 s to import
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"RMIA's a must lie in [0, 1], got {a}")
+    reference_log_p, in_mask = _check_shapes(reference_log_p, in_mask)
+    target_log_p = np.asarray(target_log_p, dtype=np.float64)
+    if target_log_p.shape != reference_log_p.shape[1:]:
+        raise ValueError(f"target log-probabilities must be (V, n) = {reference_log_p.shape[1:]}, "
+                         f"got {target_log_p.shape}")
+    n_views = target_log_p.shape[0]
+    log_px = logsumexp(target_log_p, axis=0) - np.log(n_views)  # (n,)
+    per_model = logsumexp(reference_log_p, axis=1) - np.log(n_views)  # (K, n)
+    out = ~in_mask
+    n_out = out.sum(axis=0)
+    group = np.where(n_out > 0, out, in_mask)  # records without an OUT model fall back to their IN models
+    count = group.sum(axis=0)
+    log_mean = logsumexp(np.where(group, per_model, -np.inf), axis=0) - np.log(count)
+    with np.errstate(divide="ignore"):  # a = 1: the constant term is log 0 = -inf, which logaddexp absorbs
+        log_p_ref = np.logaddexp(np.log((1 + a) / 2) + log_mean, np.log((1 - a) / 2))
+    return log_px - log_p_ref
+
+
+def rmia_dominance(log_ratio_x: np.ndarray, log_ratio_z: np.ndarray, *, gamma: float = 1.0,
+                   x_in_z: bool = False) -> np.ndarray:
+    """Fraction of population records z with r(x) / r(z) > gamma, for every x. -> (n,) float64.
+
+    log_ratio_x (n,), log_ratio_z (m,): log r. With ``x_in_z`` the two arrays are the same records
+    (x_i is z_i) and each x is compared with the m - 1 others only. Sorts z once and counts with
+    np.searchsorted: memory O(n + m).
+    """
+    if gamma <= 0:
+        raise ValueError(f"gamma must be positive, got {gamma}")
+    x = np.asarray(log_ratio_x, dtype=np.float64)
+    z = np.sort(np.asarray(log_ratio_z, dtype=np.float64))
+    if x_in_z and x.shape != z.shape:
+        raise ValueError("x_in_z needs log_ratio_x and log_ratio_z of the same records")
+    threshold = x - np.log(gamma)  # r(x)/r(z) > gamma  <=>  log r(z) < log r(x) - log gamma
+    counts = np.searchsorted(z, threshold, side="left").astype(np.float64)
+    m = len(z)
+    if x_in_z:
+        counts -= x < threshold  # x itself was counted (only when gamma < 1)
+        m -= 1
+    if m < 1:
+        raise ValueError("RMIA needs at least one population record")
+    return counts / m
+
+
+def rmia_scores(target_log_p: np.ndarray, reference_log_p: np.ndarray, in_mask: np.ndarray, *, a: float = 0.3,
+                gamma: float = 1.0) -> np.ndarray:
+    """Offline RMIA with the records themselves as the population (each compared with the others). -> (n,)."""
+    ratios = rmia_log_ratios(target_log_p, reference_log_p, in_mask, a=a)
+    return rmia_dominance(ratios, ratios, gamma=gamma, x_in_z=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Label-only calibration
+
+
+def _label_only_inputs(victim_predicted, reference_predicted, labels, in_mask):
+    """Validated (victim (V, n) int, references (K, V, n) int, labels (n,), in_mask (K, n) bool)."""
+    victim_predicted = integer_labels(victim_predicted, "victim_predicted")
+    reference_predicted = integer_labels(reference_predicted, "reference_predicted")
+    labels = np.asarray(labels)
+    in_mask = np.asarray(in_mask, dtype=bool)
+    if reference_predicted.ndim != 3 or reference_predicted.shape[1:] != victim_predicted.shape:
+        raise ValueError(f"reference_predicted must be (K, V, n) with (V, n) = {victim_predicted.shape}, "
+                         f"got {reference_predicted.shape}")
+    if in_mask.shape != (reference_predicted.shape[0], reference_predicted.shape[2]):
+        raise ValueError(f"in_mask must be (K, n) = {(reference_predicted.shape[0], reference_predicted.shape[2])}")
+    return victim_predicted, reference_predicted, labels, in_mask
+
+
+def calibrated_aug_count(victim_predicted: np.ndarray, reference_predicted: np.ndarray, labels: np.ndarray,
+                         in_mask: np.ndarray) -> np.ndarray:
+    """Victim's correct-view count minus the mean count of the record's OUT references. -> (n,) float64.
+
+    victim_predicted (V, n) int (argmax of the victim per view); reference_predicted (K, V, n) int;
+    labels (n,); in_mask (K, n) bool. A record with no OUT model is calibrated with all its models.
+    TypeError for non-integer predictions.
+    """
+    victim_predicted, reference_predicted, labels, in_mask = _label_only_inputs(
+        victim_predicted, reference_predicted, labels, in_mask)
+    victim_count = (victim_predicted == labels[None]).sum(axis=0).astype(np.float64)
+    ref_count = (reference_predicted == labels[None, None]).sum(axis=1).astype(np.float64)  # (K, n)
+    out = ~in_mask
+    group = np.where(out.sum(axis=0) > 0, out, True)
+    baseline = (ref_count * group).sum(axis=0) / group.sum(axis=0)
+    return victim_count - baseline
+
+
+def label_lira(victim_predicted: np.ndarray, reference_predicted: np.ndarray, labels: np.ndarray,
+               in_mask: np.ndarray, prior: float = 0.5) -> np.ndarray:
+    """Label-only likelihood ratio, LiRA's online test on 'classified correctly' per view -> (n,) float64.
+
+    Per record and view, the rate at which its IN references and its OUT references classify it
+    correctly, smoothed: (correct + prior) / (models + 2 prior) (a group without models gets 1/2).
+    Score = sum_v log Pr[c_v | IN] - log Pr[c_v | OUT] for the victim's correctness c_v: a record the
+    OUT models get wrong but the victim gets right is strong evidence of membership; a record every
+    model gets right is none. Shapes and TypeError as for ``calibrated_aug_count``.
+    """
+    victim_predicted, reference_predicted, labels, in_mask = _label_only_inputs(
+        victim_predicted, reference_predicted, labels, in_mask)
+    if not prior > 0:
+        raise ValueError(f"prior must be positive, got {prior}")
+    ref_correct = reference_predicted == labels[None, None]  # (K, V, n)
+    rates = []
+    for group in (in_mask, ~in_mask):
+        g = group[:, None, :]
+        rates.append(((ref_correct & g).sum(axis=0) + prior) / (g.sum(axis=0) + 2 * prior))  # (V, n)
+    in_rate, out_rate = rates
+    correct = victim_predicted == labels[None]
+    llr = np.where(correct, np.log(in_rate) - np.log(out_rate), np.log1p(-in_rate) - np.log1p(-out_rate))
+    return llr.sum(axis=0).astype(np.float64)
