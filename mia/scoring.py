@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mia.io.atomic import atomic_save_npy
-from mia.io.cache import file_digest
+from mia.io.cache import cached_array, file_digest
 from mia.devices import resolve_device
 
 CACHE_FORMAT = 2  # bump when the logits a cache file holds would change
@@ -177,13 +176,13 @@ def cached_logits(
     if cache_dir is None:
         return compute(), False
     path = Path(cache_dir) / f"{label}-{cache_key(key_parts[0], key_parts[1], views, *key_parts[2:])}.npy"
-    if path.is_file():
-        try:
-            arr = np.load(path, allow_pickle=False)
-            if arr.ndim == ndim and arr.shape[0] == len(views):
-                return arr, True
-        except (OSError, ValueError):
-            pass  # unreadable cache entry: recompute and overwrite
-    arr = compute()
-    atomic_save_npy(path, arr)
-    return arr, False
+    return cached_array(path, compute, lambda a: _valid_scores(a, ndim, len(views)))
+
+
+def _valid_scores(array: np.ndarray, ndim: int, n_views: int) -> bool:
+    """A cache entry holds what compute_logits returns: (V, n, C) finite floats, or (V, n) integer labels."""
+    if array.ndim != ndim or array.shape[0] != n_views or 0 in array.shape:
+        return False
+    if ndim == 2:
+        return np.issubdtype(array.dtype, np.integer)
+    return array.dtype == np.float32 and bool(np.isfinite(array).all())

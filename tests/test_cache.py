@@ -88,3 +88,40 @@ def test_file_digest_follows_content(tmp_path):
     f.write_bytes(b"abd")
     os.utime(f, ns=(1, 1))
     assert file_digest(f) != d1
+
+
+def test_cached_array_uses_valid_entries_and_rebuilds_the_rest(tmp_path):
+    from mia.io.cache import cached_array
+
+    entry = tmp_path / "c" / "x.npy"
+    calls = []
+
+    def build():
+        calls.append(1)
+        return np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    def valid(a):
+        return a.dtype == np.float32 and a.shape == (2, 3)
+
+    first, hit = cached_array(entry, build, valid)
+    assert not hit and entry.is_file() and len(calls) == 1
+    again, hit = cached_array(entry, build, valid)
+    assert hit and np.array_equal(again, first) and len(calls) == 1
+    np.save(entry, np.arange(6).reshape(2, 3))  # integer "logits": refused by valid, rebuilt
+    _, hit = cached_array(entry, build, valid)
+    assert not hit and len(calls) == 2 and np.load(entry).dtype == np.float32
+    entry.write_bytes(entry.read_bytes()[:40])  # cut short
+    rebuilt, hit = cached_array(entry, build, valid)
+    assert not hit and np.array_equal(rebuilt, first)
+    assert cached_array(None, build, valid)[1] is False  # no cache: always built
+
+
+def test_scoring_cache_refuses_integer_or_non_finite_logits():
+    from mia.scoring import _valid_scores
+
+    good = np.zeros((2, 5, 3), np.float32)
+    assert _valid_scores(good, 3, 2)
+    assert not _valid_scores(good.astype(np.int64), 3, 2)
+    assert not _valid_scores(np.full((2, 5, 3), np.nan, np.float32), 3, 2)
+    assert not _valid_scores(good, 3, 1)  # another number of views
+    assert _valid_scores(np.zeros((2, 5), np.int64), 2, 2) and not _valid_scores(np.zeros((2, 5), np.float32), 2, 2)

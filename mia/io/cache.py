@@ -19,9 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from mia.io.atomic import atomic_save_npz
+from mia.io.atomic import atomic_save_npy, atomic_save_npz
 
-__all__ = ["cached_arrays", "file_digest"]
+__all__ = ["cached_array", "cached_arrays", "file_digest"]
 
 _DIGESTS: dict[tuple, str] = {}
 
@@ -64,3 +64,23 @@ def cached_arrays(entry: Path | None, build: Callable[[], dict[str, np.ndarray]]
         except OSError:
             pass  # read-only bundle: no cache, same arrays
     return arrays, False
+
+
+def cached_array(entry: Path | None, build: Callable[[], np.ndarray],
+                 valid: Callable[[np.ndarray], bool]) -> tuple[np.ndarray, bool]:
+    """One array as ``.npy`` under the same contract as ``cached_arrays``: used when ``valid`` accepts it,
+    else built, stored atomically (skipped where the folder is read-only) and returned. (array, hit)."""
+    if entry is not None and entry.is_file():
+        try:
+            array = np.load(entry, allow_pickle=False)
+            if isinstance(array, np.ndarray) and valid(array):
+                return array, True
+        except (OSError, ValueError, EOFError):
+            pass  # damaged entry: rebuilt below
+    array = build()
+    if entry is not None:
+        try:
+            atomic_save_npy(entry, array)
+        except OSError:
+            pass  # read-only bundle: no cache, same array
+    return array, False

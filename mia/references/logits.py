@@ -8,8 +8,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mia.errors import MIAError
-from mia.io.atomic import atomic_save_npy
-from mia.io.cache import file_digest
+from mia.io.cache import cached_array, file_digest
 from mia.references.pool import Pool
 from mia.references.store import ReferenceSet
 from mia.scoring import IDENTITY, View, compute_logits
@@ -74,24 +73,18 @@ def reference_logits(ref_set: ReferenceSet, views: tuple[View, ...] = (IDENTITY,
     for j in tqdm(ref_set.complete, desc=f"{ref_set.manifest['victim']} reference logits", unit="model",
                   disable=not progress, leave=False):
         path = _logits_cache_path(ref_set, j, views, labels_only) if cache else None
-        arr = None
-        if path is not None and path.is_file():
-            try:
-                arr = np.load(path, allow_pickle=False)
-                if arr.shape[:2] != (len(views), ref_set.n_pool) or arr.ndim != (2 if labels_only else 3):
-                    arr = None
-            except (OSError, ValueError):
-                arr = None
-        if arr is None:
+
+        def compute(j: int = j) -> np.ndarray:
+            nonlocal pool
             if pool is None:
                 pool = ref_set.load_pool()
-            arr = compute_logits(ref_set.load_model(j), pool.images, views, device=device, batch_size=batch_size,
-                                 labels_only=labels_only)
-            if path is not None:
-                try:
-                    atomic_save_npy(path, arr)
-                except OSError:  # a read-only bundle: no cache, same logits
-                    pass
+            return compute_logits(ref_set.load_model(j), pool.images, views, device=device, batch_size=batch_size,
+                                  labels_only=labels_only)
+
+        def valid(a: np.ndarray) -> bool:
+            return a.shape[:2] == (len(views), ref_set.n_pool) and a.ndim == (2 if labels_only else 3)
+
+        arr, _ = cached_array(path, compute, valid)
         out.append(arr.astype(np.int64 if labels_only else np.float32, copy=False))
     if not out:
         raise MIAError(f"{ref_set.folder}: no complete reference model")
