@@ -62,6 +62,18 @@ class Bundle:
                 for arch in sorted({v.arch for v in self.victims})}
 
 
+def _regular_files(folder: Path, suffix: str, problems: list[str], root: Path) -> dict[str, Path]:
+    """stem -> path of the ``*suffix`` entries of ``folder`` that are regular files (a link to one counts).
+    Anything else (a FIFO, a device, a folder) would hang or fail when read: it is a problem, never opened."""
+    out = {}
+    for p in sorted(folder.glob(f"*{suffix}")):
+        if p.is_file():
+            out[p.name[:-len(suffix)]] = p
+        else:
+            problems.append(f"{p.relative_to(root)}: not a regular file; only regular files are read")
+    return out
+
+
 def _splits(stem: str) -> list[tuple[str, str]]:
     """'a_b_c' -> [('a', 'b_c'), ('a_b', 'c')]: every split at an underscore into two non-empty names."""
     return [(stem[:i], stem[i + 1:]) for i, ch in enumerate(stem) if ch == "_" and 0 < i < len(stem) - 1]
@@ -109,9 +121,9 @@ def test_file_victims(root: str | Path) -> tuple[dict[Path, tuple[str, str]], li
     models in ``models/`` where there are any), and the names that do not parse. For checking a
     submission, which needs only the test files."""
     root = Path(root)
-    tests = {p.name[:-2]: p for p in sorted((root / "datasets" / "test").glob("*.p"))}
-    models = {p.name[:-4] for p in (root / "models").glob("*.pth")} if (root / "models").is_dir() else set()
     problems: list[str] = []
+    tests = _regular_files(root / "datasets" / "test", ".p", problems, root)
+    models = set(_regular_files(root / "models", ".pth", problems, root)) if (root / "models").is_dir() else set()
     keys, _ = _pair_names(set(tests), models, problems)
     return {tests[s]: keys[s] for s in sorted(keys)}, problems
 
@@ -134,10 +146,9 @@ def discover(root: str | Path, *, strict: bool = True, victims: list[str] | None
 
     problems: list[str] = []
 
-    def stems(folder: Path, suffix: str) -> dict[str, Path]:
-        return {p.name[:-len(suffix)]: p for p in sorted(folder.glob(f"*{suffix}"))}
-
-    eval_files, test_files, model_files = stems(eval_dir, ".p"), stems(test_dir, ".p"), stems(models_dir, ".pth")
+    eval_files, test_files, model_files = (_regular_files(eval_dir, ".p", problems, root),
+                                           _regular_files(test_dir, ".p", problems, root),
+                                           _regular_files(models_dir, ".pth", problems, root))
     data_keys, model_keys = _pair_names(set(eval_files) | set(test_files), set(model_files), problems)
     evals = {data_keys[s]: p for s, p in eval_files.items() if s in data_keys}  # (dataset, arch) -> path
     tests = {data_keys[s]: p for s, p in test_files.items() if s in data_keys}

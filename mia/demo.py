@@ -71,14 +71,13 @@ from mia.io.fashion_mnist import (
     load_fashion_mnist,
     to_challenge_images,
 )
-from mia.models.registry import REPO_ARCH_DIR, REPO_ARCHITECTURES, repo_builder
+from mia.models.registry import REPO_ARCHITECTURES, repo_builder
 from mia.core.thresholds import sweep
 from mia.training import TrainRecipe, build_and_train
 
 # Bump when the recipe changes (splits, preprocessing, training): cached bundles are then rebuilt.
 DEMO_FORMAT_VERSION = 2  # 2: victims trained with random flips
 
-REPO_MODELS_DIR = REPO_ARCH_DIR  # the repository's architecture files, copied into the bundle
 
 # --------------------------------------------------------------------------------------------------
 # Configuration and results

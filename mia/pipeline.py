@@ -137,6 +137,11 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         hits += hit
         if logits.shape[-1] != info.num_classes:
             raise MIAError(f"{victim.name}: model outputs {logits.shape[-1]} classes, weights say {info.num_classes}")
+        bad = ~np.isfinite(logits).all(axis=(0, 2))
+        if bad.any():
+            raise MIAError(f"{victim.name}: the model gives non-finite logits (NaN or inf) on {int(bad.sum())} of "
+                           f"{len(bad)} {split} records (first: record {int(np.argmax(bad))}); are its weights "
+                           f"corrupt? ({victim.checkpoint.name})")
         out[split] = logits
     data = VictimData(victim, info, eval_recs, test_recs, answers, [v.name for v in views], out["eval"], out["test"],
                       hits, 0.0)

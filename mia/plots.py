@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from mia.io.atomic import atomic_write, atomic_write_bytes
+from mia.io.atomic import atomic_write
+from mia.io.cache import cached_file
 from mia.core.metrics import roc_curve
 from mia.core.thresholds import Sweep
 
@@ -235,20 +236,8 @@ def save_run_plots(result, folder: str | Path, cache_dir: str | Path | None = No
         for spec in outcome_figure_specs(o):
             name = f"{o.victim}_{o.task.access}_{spec.kind}.png"
             path = folder / name
-            cached = cache / f"{spec.digest(dpi)}.png" if cache is not None else None
-            if cached is not None and cached.is_file():
-                try:
-                    atomic_write_bytes(path, cached.read_bytes())
-                    written[f"plots/{name}"] = path
-                    continue
-                except OSError:
-                    pass  # unreadable entry: draw it
-            save_figure(spec.build(**spec.kwargs), path, dpi=dpi)
-            if cached is not None:
-                try:
-                    atomic_write_bytes(cached, path.read_bytes())
-                except OSError:
-                    pass  # read-only bundle: no cache
+            entry = cache / f"{spec.digest(dpi)}.png" if cache is not None else None
+            cached_file(entry, path, lambda target, spec=spec: save_figure(spec.build(**spec.kwargs), target, dpi=dpi))
             written[f"plots/{name}"] = path
     return written
 

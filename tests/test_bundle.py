@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mia.bundle import discover
-from mia.models.registry import REPO_ARCH_DIR as REPO_MODELS_DIR
+from mia.models.registry import REPO_ARCH_DIR
 from mia.errors import BundleError
 
 TINY_NAMES = ["mobilenetv2_fashionmnist", "resnet34_fashionmnist", "vgg16_fashionmnist"]
@@ -63,14 +63,14 @@ def test_unknown_victim_is_an_error(tiny_bundle):
 def test_architecture_files_prefer_the_bundle(tiny_bundle):
     bundle = discover(tiny_bundle)
     root = bundle.root
-    assert bundle.arch_dirs == [root / "models", REPO_MODELS_DIR]
+    assert bundle.arch_dirs == [root / "models", REPO_ARCH_DIR]
     files = bundle.architecture_files()
     # the file named after the architecture (or its family) first, then the bundle's other files, then ours
     assert files["mobilenetv2"][0] == root / "models" / "mobilenetv2.py"
     assert files["resnet34"][0] == root / "models" / "resnet34.py"
     assert files["vgg16"][0] == root / "models" / "vgg.py"
     assert files["vgg16"][1:] == [root / "models" / "mobilenetv2.py", root / "models" / "resnet34.py",
-                                  REPO_MODELS_DIR / "vgg.py"]
+                                  REPO_ARCH_DIR / "vgg.py"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +182,6 @@ def test_architecture_files_fall_back_to_the_repository(tmp_path):
                    + ["models/resnet34.py"])
     bundle = discover(root)
     assert bundle.architecture_files() == {
-        "resnet34": [root.resolve() / "models" / "resnet34.py", REPO_MODELS_DIR / "resnet34.py"],
-        "vgg16": [root.resolve() / "models" / "resnet34.py", REPO_MODELS_DIR / "vgg.py"],
+        "resnet34": [root.resolve() / "models" / "resnet34.py", REPO_ARCH_DIR / "resnet34.py"],
+        "vgg16": [root.resolve() / "models" / "resnet34.py", REPO_ARCH_DIR / "vgg.py"],
     }

@@ -125,3 +125,20 @@ def test_scoring_cache_refuses_integer_or_non_finite_logits():
     assert not _valid_scores(np.full((2, 5, 3), np.nan, np.float32), 3, 2)
     assert not _valid_scores(good, 3, 1)  # another number of views
     assert _valid_scores(np.zeros((2, 5), np.int64), 2, 2) and not _valid_scores(np.zeros((2, 5), np.float32), 2, 2)
+
+
+def test_cached_file_copies_hits_and_keeps_new_files(tmp_path):
+    from mia.io.cache import cached_file
+
+    entry, target = tmp_path / "cache" / "k.png", tmp_path / "out" / "fig.png"
+    target.parent.mkdir()
+    drawn = []
+
+    def write(path):
+        drawn.append(path)
+        path.write_bytes(b"figure")
+
+    assert cached_file(entry, target, write) is False and entry.read_bytes() == b"figure" and len(drawn) == 1
+    target.unlink()
+    assert cached_file(entry, target, write) is True and target.read_bytes() == b"figure" and len(drawn) == 1
+    assert cached_file(None, target, write) is False and len(drawn) == 2

@@ -18,6 +18,7 @@ from mia import demo
 from mia.io import fashion_mnist
 from mia.io.checkpoints import load_state_dict
 from mia.models.loading import load_victim_model
+from mia.models.registry import REPO_ARCH_DIR
 from mia.io.records import load_records
 from mia.errors import DataError, MIAError
 
@@ -279,7 +280,7 @@ def test_tiny_build_has_the_challenge_layout(tiny_bundle):
     # nothing left beside it from the temporary build directory
     assert [p.name for p in tiny_bundle.path.parent.iterdir()] == ["demo"]
     for name in ("resnet34.py", "vgg.py", "mobilenetv2.py"):
-        assert (tiny_bundle.path / "models" / name).read_bytes() == (demo.REPO_MODELS_DIR / name).read_bytes()
+        assert (tiny_bundle.path / "models" / name).read_bytes() == (REPO_ARCH_DIR / name).read_bytes()
 
 
 def test_tiny_build_records_splits_and_answers(tiny_bundle):

@@ -55,3 +55,40 @@ def test_a_victim_nothing_builds_is_a_problem_and_a_nonzero_exit(foreign_bundle,
     err = capsys.readouterr().err
     assert "1 problem(s)" in err and "wrn10_2_toy" in err and "no builder makes a model" in err
     assert "resnet_34 (bundle resnet34.py): its classifier 'fc.weight' is not in the checkpoint" in err
+
+
+def test_a_fifo_is_never_opened(foreign_bundle, tmp_path):
+    import os
+    import shutil
+
+    from mia.bundle import discover
+    from mia.errors import BundleError
+
+    root = tmp_path / "b"
+    shutil.copytree(foreign_bundle, root, ignore=shutil.ignore_patterns("results", ".cache", "result.json"))
+    os.mkfifo(root / "models" / "vgg16_toy.pth")  # would hang torch.load forever
+    os.mkfifo(root / "datasets" / "test" / "toy_vgg16.p")
+    with pytest.raises(BundleError, match=r"models/vgg16_toy.pth: not a regular file"):
+        discover(root)
+    bundle = discover(root, strict=False)
+    assert sorted(v.name for v in bundle.victims) == ["mobilenetv2_toy", "resnet34_toy", "wrn10_2_toy"]
+    assert any("datasets/test/toy_vgg16.p: not a regular file" in p for p in bundle.problems)
+
+
+def test_nan_weights_are_a_per_victim_error(foreign_bundle, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    root = tmp_path / "b"
+    shutil.copytree(foreign_bundle, root, ignore=shutil.ignore_patterns("results", ".cache", "result.json"))
+    ckpt = root / "models" / "wrn10_2_toy.pth"
+    obj = torch.load(ckpt, weights_only=True)
+    obj["state_dict"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in obj["state_dict"].items()}
+    torch.save(obj, ckpt)
+    assert main(["run", "--bundle", str(root), "--quiet", "--no-plots", "--keep-going",
+                 "--victims", "wrn10_2_toy", "resnet34_toy"]) == 1
+    captured = capsys.readouterr()
+    assert "wrn10_2_toy: the model gives non-finite logits (NaN or inf) on 24 of 24 eval records" in captured.err
+    assert (root / "results" / "task1_resnet34_toy.npy").is_file()  # the other victim was finished
+    assert not (root / "results" / "task1_wrn10_2_toy.npy").exists()

@@ -19,9 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from mia.io.atomic import atomic_save_npy, atomic_save_npz
+from mia.io.atomic import atomic_save_npy, atomic_save_npz, atomic_write_bytes
 
-__all__ = ["cached_array", "cached_arrays", "file_digest"]
+__all__ = ["cached_array", "cached_arrays", "cached_file", "file_digest"]
 
 _DIGESTS: dict[tuple, str] = {}
 
@@ -84,3 +84,22 @@ def cached_array(entry: Path | None, build: Callable[[], np.ndarray],
         except OSError:
             pass  # read-only bundle: no cache, same array
     return array, False
+
+
+def cached_file(entry: Path | None, target: Path, write: Callable[[Path], None]) -> bool:
+    """Make ``target`` (a file such as a figure) from the cache entry when there is one, else ``write(target)``
+    and keep a copy as the entry. Returns whether the entry was used. Entries are named by the caller
+    from the content that determines them; an unreadable entry is rewritten, a read-only cache skipped."""
+    if entry is not None and entry.is_file():
+        try:
+            atomic_write_bytes(target, entry.read_bytes())
+            return True
+        except OSError:
+            pass  # unreadable entry: made again below
+    write(target)
+    if entry is not None:
+        try:
+            atomic_write_bytes(entry, target.read_bytes())
+        except OSError:
+            pass  # read-only bundle: no cache
+    return False
