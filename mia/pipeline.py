@@ -22,7 +22,7 @@ from mia.errors import DataError, MIAError
 from mia.inspection import load_victim, summarize_victim
 from mia.models.loading import VictimModelInfo, builder_key
 from mia.models.registry import REPO_ARCH_DIR
-from mia.scoring import VIEW_SETS, View, cached_logits, compute_logits, noise_views
+from mia.scoring import VIEW_SETS, View, cached_logits, compute_logits, noise_views, precision_tag
 from mia.core.thresholds import Sweep, sweep
 
 
@@ -126,7 +126,8 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
             except RuntimeError as e:  # shape errors from the model itself
                 raise MIAError(f"{victim.name}: the model failed on {split} images of shape "
                                f"{recs.images.shape[1:]}: {e}") from e
-        return cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file, builder_key(info)),
+        return cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file, builder_key(info),
+                                         precision_tag(config.device)),
                              f"{victim.name}-{split}{suffix.replace(' ', '-')}", queries, compute,
                              ndim=2 if labels_only else 3)
 

@@ -108,6 +108,15 @@ def apply_view(images: torch.Tensor, view: View) -> torch.Tensor:
     return out
 
 
+def precision_tag(device: str | torch.device | None) -> str:
+    """Everything about how compute_logits runs on ``device`` that changes its numbers: the device type,
+    the arithmetic (bf16 autocast on CUDA, fp32 elsewhere) and the torch version. Part of every logits
+    cache key, so logits computed one way are never reused for a run of another."""
+    dev = resolve_device(device)
+    mode = "bf16-autocast" if dev.type == "cuda" else "fp32"
+    return f"device={dev.type};{mode};torch={torch.__version__}"
+
+
 @torch.inference_mode()
 def compute_logits(
     model: torch.nn.Module,
@@ -152,7 +161,7 @@ def compute_logits(
 
 
 def cache_key(checkpoint: Path, data: Path, views: tuple[View, ...], architecture_file: Path | None,
-              builder: str = "") -> str:
+              builder: str = "", precision: str = "") -> str:
     """Content hash of everything the logits depend on: weights, records, views, architecture code.
     ``builder`` names code that is not in a file of the bundle (a torchvision constructor and its version)."""
     h = hashlib.sha256(f"format={CACHE_FORMAT};views={[v.name for v in views]}".encode())
@@ -160,19 +169,22 @@ def cache_key(checkpoint: Path, data: Path, views: tuple[View, ...], architectur
         h.update((file_digest(p) if p is not None else "-").encode())
     if builder:
         h.update(f";builder={builder}".encode())
+    if precision:
+        h.update(f";precision={precision}".encode())
     return h.hexdigest()[:24]
 
 
 def cached_logits(
     cache_dir: Path | None,
-    key_parts: tuple[Path, Path, Path | None] | tuple[Path, Path, Path | None, str],
+    key_parts: tuple,
     label: str,
     views: tuple[View, ...],
     compute,
     ndim: int = 3,
 ) -> tuple[np.ndarray, bool]:
     """Return (logits, hit). ``compute()`` runs only when no cache file for these contents exists.
-    ``ndim``: 3 for logits (V, n, C), 2 for predicted labels (V, n)."""
+    ``key_parts``: the arguments of ``cache_key`` after ``views`` is left out: (checkpoint, data,
+    architecture_file[, builder[, precision]]). ``ndim``: 3 for logits (V, n, C), 2 for predicted labels (V, n)."""
     if cache_dir is None:
         return compute(), False
     path = Path(cache_dir) / f"{label}-{cache_key(key_parts[0], key_parts[1], views, *key_parts[2:])}.npy"

@@ -52,3 +52,15 @@ def test_labels_only_scoring_is_argmax_and_batch_independent():
     assert (labels[-1] != labels[0]).any() and (labels[-1] != labels[-2]).any()
     # the noise is part of the cache key
     assert len({cache_key(__file__, __file__, (v,), None) for v in views}) == len(views)
+
+
+def test_precision_is_part_of_the_logits_cache_key(tmp_path, monkeypatch):
+    from mia.scoring import IDENTITY, cache_key, precision_tag
+
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    assert precision_tag("cpu") == f"device=cpu;fp32;torch={torch.__version__}"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the tag only, nothing runs on CUDA
+    assert precision_tag("cuda") == f"device=cuda;bf16-autocast;torch={torch.__version__}"
+    keys = {cache_key(f, f, (IDENTITY,), None, "", p) for p in ("", precision_tag("cpu"), precision_tag("cuda"))}
+    assert len(keys) == 3  # a bf16 GPU run and an fp32 CPU run never share cached logits

@@ -11,7 +11,7 @@ from mia.errors import MIAError
 from mia.io.cache import cached_array, file_digest
 from mia.references.pool import Pool
 from mia.references.store import ReferenceSet
-from mia.scoring import IDENTITY, View, compute_logits
+from mia.scoring import IDENTITY, View, compute_logits, precision_tag
 
 LOGITS_FORMAT = 1  # bump when cached reference logits would change
 
@@ -49,9 +49,11 @@ def views_from_names(names: list[str] | tuple[str, ...]) -> tuple[View, ...]:
     return tuple(views)
 
 
-def _logits_cache_path(ref_set: ReferenceSet, j: int, views: tuple[View, ...], labels_only: bool = False) -> Path:
+def _logits_cache_path(ref_set: ReferenceSet, j: int, views: tuple[View, ...], labels_only: bool = False,
+                       device: str = "auto") -> Path:
     h = hashlib.sha256(f"format={LOGITS_FORMAT};views={[v.name for v in views]};"
-                       f"pool={ref_set.fingerprint}{';labels' if labels_only else ''}".encode())
+                       f"pool={ref_set.fingerprint}{';labels' if labels_only else ''};"
+                       f"{precision_tag(device)}".encode())
     h.update(file_digest(ref_set.model_path(j)).encode())
     arch_file = ref_set.manifest.get("architecture_file", {}).get("sha256", "-")
     h.update(str(arch_file).encode())
@@ -72,7 +74,7 @@ def reference_logits(ref_set: ReferenceSet, views: tuple[View, ...] = (IDENTITY,
     out = []
     for j in tqdm(ref_set.complete, desc=f"{ref_set.manifest['victim']} reference logits", unit="model",
                   disable=not progress, leave=False):
-        path = _logits_cache_path(ref_set, j, views, labels_only) if cache else None
+        path = _logits_cache_path(ref_set, j, views, labels_only, device) if cache else None
 
         def compute(j: int = j) -> np.ndarray:
             nonlocal pool
