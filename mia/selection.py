@@ -66,6 +66,12 @@ class Selection:
     def chosen_report(self) -> CandidateReport:
         return next(c for c in self.candidates if c.name == self.chosen)
 
+    @property
+    def score_threshold(self) -> float:
+        """The threshold on ``test_scores`` that gives ``test_predictions``: member exactly when score >= it
+        (0 for per-class thresholds, whose scores are already shifted by their class's threshold)."""
+        return 0.0 if self.fitted.candidate.kind == "class" else float(self.fitted.threshold)
+
 
 def _one_standard_error_choice(reports: list[CandidateReport], n: int, floor: str | None = None) -> str:
     """The highest-CV-AUC candidate among those within one standard error of the best CV accuracy and,

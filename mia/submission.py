@@ -88,6 +88,8 @@ def build_result_json(result) -> dict:
         entry = {
             "access": o.task.access,
             "file": f"results/{o.file_name}",
+            "scores_file": f"results/scores/{o.file_name}",  # float64, larger = more likely member
+            "score_threshold": _threshold_json(sel.score_threshold),  # member exactly when score >= it
             **_selection_summary(sel),
             "selection": sel.selection,
             "folds": sel.folds,
@@ -109,6 +111,20 @@ def build_result_json(result) -> dict:
     })
 
 
+def _threshold_json(value: float) -> float | str:
+    """A threshold as JSON: a number, or "inf" / "-inf" (JSON has no infinities; float() reads them back)."""
+    return float(value) if np.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def chosen_test_scores(selection) -> np.ndarray:
+    """The chosen attack's float64 test scores, checked to give exactly its predictions at its threshold."""
+    scores = np.asarray(selection.test_scores, dtype=np.float64)
+    if not np.array_equal((scores >= selection.score_threshold).astype(np.int64), selection.test_predictions):
+        raise SubmissionError(f"internal error: the scores of {selection.chosen} do not give its predictions "
+                              f"at threshold {selection.score_threshold}")
+    return scores
+
+
 def write_run(result, *, plots: bool | None = None) -> dict[str, Path]:
     """Write predictions, result.json and (optionally) plots next to the bundle. Returns what was written."""
     from mia import plots as plotting  # matplotlib only when writing
@@ -125,12 +141,16 @@ def write_run(result, *, plots: bool | None = None) -> dict[str, Path]:
         path = results_dir / o.file_name
         atomic_save_npy(path, o.used.test_predictions.astype(np.int64))
         written[o.file_name] = path
+        scores_path = results_dir / "scores" / o.file_name
+        atomic_save_npy(scores_path, chosen_test_scores(o.used))
+        written[f"scores/{o.file_name}"] = scores_path
     # A victim that failed this time (--keep-going) must not keep an earlier run's predictions or figures:
     # the submission would mix runs without saying so. result.json lists the failure.
     for name in result.failures:
         if name in {v.name for v in result.bundle.victims}:
             for t in result.config.tasks:
                 (results_dir / f"task{t.task}_{name}.npy").unlink(missing_ok=True)
+                (results_dir / "scores" / f"task{t.task}_{name}.npy").unlink(missing_ok=True)
             for png in (results_dir / "plots").glob(f"{name}_*.png"):
                 png.unlink(missing_ok=True)
     atomic_write_text(root / "result.json", text, durable=True)
@@ -142,8 +162,10 @@ def write_run(result, *, plots: bool | None = None) -> dict[str, Path]:
 class CheckReport:
     """What ``check_submission`` found."""
 
-    ok: list[str] = field(default_factory=list)
+    ok: list[str] = field(default_factory=list)  # one line per valid file
     errors: list[str] = field(default_factory=list)
+    n_predictions: int = 0  # valid results/task*.npy files
+    n_scores: int = 0  # valid results/scores/task*.npy files (their threshold gives the predictions)
 
 
 def check_submission(root: str | Path, tasks: tuple[int, ...] | None = None,
@@ -163,13 +185,18 @@ def check_submission(root: str | Path, tasks: tuple[int, ...] | None = None,
     root = Path(root)
     report = CheckReport()
     rj = root / "result.json"
+    doc: dict = {}
+    if rj.is_file():
+        try:
+            doc = json.loads(rj.read_text())
+        except ValueError as e:
+            report.errors.append(f"{rj}: not a valid result.json ({e})")
     if tasks is None:
         tasks = (1, 2, 3)
         if rj.is_file():
             try:
-                doc = json.loads(rj.read_text())
                 tasks = tuple(int(t["task"]) for t in doc["config"]["tasks"])
-            except (ValueError, KeyError, TypeError) as e:
+            except (KeyError, TypeError) as e:
                 report.errors.append(f"{rj}: not a valid result.json ({e})")
         else:
             report.errors.append(f"{rj}: missing")
@@ -207,8 +234,36 @@ def check_submission(root: str | Path, tasks: tuple[int, ...] | None = None,
                 problems.append("values other than 0 and 1")
             if problems:
                 report.errors.append(f"{path.relative_to(root)}: " + "; ".join(problems))
-            else:
-                report.ok.append(f"{path.relative_to(root)}: {n} predictions, {int(arr.sum())} members")
+                continue
+            report.ok.append(f"{path.relative_to(root)}: {n} predictions, {int(arr.sum())} members")
+            report.n_predictions += 1
+            entry = doc.get("tasks", {}).get(f"task{k}", {}).get(name) if isinstance(doc.get("tasks"), dict) else None
+            if isinstance(entry, dict) and "scores_file" in entry:
+                line = _check_scores(root, entry, arr)
+                if line.startswith("error: "):
+                    report.errors.append(line.removeprefix("error: "))
+                else:
+                    report.ok.append(line)
+                    report.n_scores += 1
     if report.errors:
         raise SubmissionError("submission check failed:\n  " + "\n  ".join(report.errors))
     return report
+
+
+def _check_scores(root: Path, entry: dict, predictions: np.ndarray) -> str:
+    """One line on a task's scores file: float scores, one per test record, whose threshold in result.json
+    gives exactly the predictions ("error: ..." when not)."""
+    path = root / str(entry["scores_file"])
+    shown = path.relative_to(root) if path.is_relative_to(root) else path
+    try:
+        threshold = float(entry["score_threshold"])
+        scores = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        return f"error: {shown}: unreadable scores or threshold ({type(e).__name__}: {e})"
+    if scores.shape != predictions.shape or not np.issubdtype(scores.dtype, np.floating):
+        return f"error: {shown}: {scores.dtype} {scores.shape}, expected float64 {predictions.shape}"
+    if np.isnan(scores).any():
+        return f"error: {shown}: NaN scores"
+    if not np.array_equal((scores >= threshold).astype(np.int64), predictions.astype(np.int64)):
+        return f"error: {shown}: scores >= {threshold:g} do not give the predictions (a mixed or edited submission)"
+    return f"{shown}: {len(scores)} scores, >= {threshold:g} gives the predictions"

@@ -170,7 +170,7 @@ def test_end_to_end_on_tiny_bundle(tiny_bundle):
     cold, warm = in_process
     assert cold["victims"] == warm["victims"] == 3
     assert cold["cache_hits"] == 0 and warm["cache_hits"] == 6
-    assert warm["files_written"] == cold["files_written"] == 3 * 3 + 1  # 3 tasks x 3 victims + result.json
+    assert warm["files_written"] == cold["files_written"] == 2 * 3 * 3 + 1  # (predictions + scores) x 3 tasks x 3 victims + result.json
     children = [r for r in res.rows if r.get("where") == "child"]
     assert [c["mode"] for c in children] == ["imports only", "cold", "warm", "warm, plots drawn", "warm, plots cached"]
     assert all(c["seconds"] > 0 and c["peak_rss_mib"] > 0 for c in children)

@@ -49,14 +49,14 @@ def test_run_then_check(submitted):
     root, proc = submitted
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "wrote 9 prediction files, 0 plots and result.json" in proc.stdout
+    assert "wrote 9 prediction files, 9 score files, 0 plots and result.json" in proc.stdout
     assert "seed's method -> ours" in proc.stdout  # the demo bundle has an answer key
     assert not (root / "results" / "plots").exists()
 
     check = _mia("check", str(root))
     assert check.returncode == 0, check.stderr
-    assert "is valid (9 files)" in check.stdout
-    assert len([line for line in check.stdout.splitlines() if line.startswith("ok  ")]) == 9
+    assert "is valid (9 prediction files, 9 score files)" in check.stdout
+    assert len([line for line in check.stdout.splitlines() if line.startswith("ok  ")]) == 18  # 9 predictions + 9 scores
 
 
 def test_check_rejects_a_broken_submission(submitted, tmp_path, capsys):
@@ -81,7 +81,8 @@ def test_run_with_plots(tiny_bundle, tmp_path):
                           for kind in ("accuracy_vs_threshold", "roc", "histogram"))
     for name in pngs:
         assert (root / "results" / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(check_submission(root).ok) == 3
+    report = check_submission(root)
+    assert (report.n_predictions, report.n_scores, len(report.ok)) == (3, 3, 6)
 
 
 def test_evaluate_prints_the_comparison(tiny_bundle, copy_bundle, tmp_path, capsys):

@@ -58,7 +58,8 @@ def test_notebook_runs_headless(tiny_bundle, copy_bundle, tmp_path, monkeypatch)
                                      resources={"metadata": {"path": str(REPO_ROOT)}})
     client.execute()
 
-    assert len(check_submission(root).ok) == 9
+    report = check_submission(root)
+    assert (report.n_predictions, report.n_scores) == (9, 9)
     assert not (root / "results" / "plots").exists()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
@@ -66,4 +67,4 @@ def test_notebook_runs_headless(tiny_bundle, copy_bundle, tmp_path, monkeypatch)
     assert len(images) == 9  # SHOW_PLOTS='first': 3 figures for each of the first victim's 3 tasks
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert f"bundle: {root.resolve()}" in text
-    assert "check passed for 9 prediction files" in text
+    assert "check passed for 9 prediction files and 9 score files" in text

@@ -132,7 +132,26 @@ def test_result_json_schema(two_runs):
 
 def test_check_submission_accepts_the_run(two_runs):
     report = check_submission(two_runs.root)
-    assert len(report.ok) == 9 and report.errors == []
+    assert len(report.ok) == 18 and report.errors == []  # 9 prediction files and their 9 scores files
+    doc = json.loads((two_runs.root / "result.json").read_text())
+    for task, victims in doc["tasks"].items():
+        for name, entry in victims.items():
+            scores = np.load(two_runs.root / entry["scores_file"])
+            predictions = np.load(two_runs.root / entry["file"])
+            assert scores.dtype == np.float64 and scores.shape == predictions.shape
+            np.testing.assert_array_equal((scores >= float(entry["score_threshold"])).astype(np.int64), predictions)
+
+
+def test_check_submission_detects_scores_that_do_not_give_the_predictions(two_runs, tmp_path):
+    root = _submission_copy(two_runs.root, tmp_path / "b")
+    path = root / "results" / "scores" / "task1_vgg16_fashionmnist.npy"
+    scores = np.load(path)
+    np.save(path, -scores)  # scores of another run (or edited): ranking reversed
+    with pytest.raises(SubmissionError, match=r"task1_vgg16_fashionmnist.npy: scores >= .* do not give the predictions"):
+        check_submission(root)
+    np.save(path, scores.astype(np.int64))
+    with pytest.raises(SubmissionError, match="expected float64"):
+        check_submission(root)
 
 
 def _submission_copy(src: Path, dst: Path) -> Path:
@@ -193,7 +212,7 @@ def test_second_run_uses_the_cache(two_runs):
 
 def test_runs_write_identical_bytes(two_runs):
     first, second = two_runs.first_files, two_runs.second_files
-    assert sorted(first) == sorted(second) and len(first) == 10  # result.json + 9 predictions
+    assert sorted(first) == sorted(second) and len(first) == 19  # result.json + 9 predictions + 9 scores
     for rel in first:
         assert first[rel] == second[rel], rel
     # and the document does not depend on the run either
@@ -333,7 +352,7 @@ def test_failing_victim_leaves_earlier_results_untouched(tiny_bundle, copy_bundl
     args = ["run", "--bundle", str(root), "--quiet", "--no-plots", "--method", "seed"]
     assert main(args) == 0
     before = _outputs(root)
-    assert len(before) == 10
+    assert len(before) == 19  # result.json, 9 predictions, 9 scores
     capsys.readouterr()
 
     bad = root / "datasets" / "eval" / "fashionmnist_vgg16.p"

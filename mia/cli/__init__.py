@@ -170,9 +170,11 @@ def _run(args, *, write: bool):
         from mia.submission import check_submission, write_run
 
         written = write_run(result)
-        n_npy = sum(1 for k in written if k.endswith(".npy"))
+        n_npy = sum(1 for k in written if k.endswith(".npy") and not k.startswith("scores/"))
+        n_scores = sum(1 for k in written if k.startswith("scores/"))
         n_png = sum(1 for k in written if k.endswith(".png"))
-        print(f"wrote {n_npy} prediction files, {n_png} plots and result.json under {result.bundle.root}")
+        print(f"wrote {n_npy} prediction files, {n_scores} score files, {n_png} plots and result.json under "
+              f"{result.bundle.root}")
         if result.victims:
             check_submission(result.bundle.root, tuple(t.task for t in config.tasks), set(result.victims),
                              cache=config.cache)
@@ -220,7 +222,8 @@ def _cmd_check(args) -> int:
     rep = check_submission(root)
     for line in rep.ok:
         print(f"ok  {line}")
-    print(f"submission at {Path(root).resolve()} is valid ({len(rep.ok)} files)")
+    print(f"submission at {Path(root).resolve()} is valid ({rep.n_predictions} prediction files, {rep.n_scores} "
+          "score files)")
     return 0
 
 
