@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import BenchResult, Check, best_ratio, fmt, interleaved, markdown_table, pair_ratio
 from mia.models.registry import REPO_ARCHITECTURES, repo_builder
 from mia.devices import resolve_device
+from mia.inspection import flops_per_image
 from mia.scoring import IDENTITY, compute_logits
 from mia.core.signals import all_signals
 
@@ -130,12 +130,8 @@ def project_scoring(model: torch.nn.Module, images: np.ndarray, labels: np.ndarr
 
 
 def flops_per_record(model: torch.nn.Module, size: int, channels: int = 3) -> float:
-    """Forward FLOPs of one (channels, size, size) record (multiply-add = 2), counted on the CPU."""
-    m = copy.deepcopy(model).cpu().float().eval()
-    x = torch.zeros(2, channels, size, size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        m(x)
-    return counter.get_total_flops() / 2
+    """Forward FLOPs of one (channels, size, size) record (multiply-add = 2): mia.inspection.flops_per_image."""
+    return float(flops_per_image(model, (channels, size, size)))
 
 
 def _sync(device: torch.device) -> None:

@@ -23,7 +23,8 @@ from mia.models.loading import VictimModelInfo, load_victim_model
 from mia.devices import resolve_device
 from mia.scoring import CPU_FORWARD_IMAGES, VIEW_SETS
 
-__all__ = ["BundleSummary", "VictimSummary", "format_summary", "inspect_bundle", "total_line", "load_victim", "summarize_victim"]
+__all__ = ["BundleSummary", "VictimSummary", "flops_per_image", "inspect_bundle", "load_victim", "summarize_victim",
+           "total_line"]
 
 
 @dataclass
@@ -34,7 +35,7 @@ class VictimSummary:
     builder: str  # e.g. "resnet_34 (bundle models/resnet34.py)"
     num_classes: int
     n_parameters: int
-    flops_per_image: int  # forward FLOPs of one image (a multiply-add counts 2)
+    flops_per_image: int | None  # forward FLOPs of one image (a multiply-add counts 2); None: not measured
     n_eval: int
     n_eval_members: int
     n_test: int
@@ -44,26 +45,28 @@ class VictimSummary:
     label_range: tuple[int, int]  # min and max label over eval and test
     forward_passes: int  # images through the model: records x (views + noisy queries)
     queries_per_record: tuple[int, int]  # (views, noisy label-only queries)
-    seconds_per_image: float  # measured on ``device`` with a batch of real records
+    seconds_per_image: float | None  # measured on ``device`` with a batch of real records; None: not measured
     device: str
 
     @property
     def estimated_seconds(self) -> float:
-        return self.forward_passes * self.seconds_per_image
+        return self.forward_passes * (self.seconds_per_image or 0.0)
 
     def lines(self) -> list[str]:
         c, h, w = self.image_shape
         views, noisy = self.queries_per_record
+        flops = "" if self.flops_per_image is None else f", {self.flops_per_image / 1e6:,.1f} MFLOPs per {h}x{w} image"
+        cost = ("logits cached: nothing to score" if self.seconds_per_image is None else
+                f"about {_duration(self.estimated_seconds)} on {self.device} "
+                f"({1 / self.seconds_per_image:,.0f} images/s measured)")
         return [
             f"{self.name}: {self.builder}",
-            f"  {self.num_classes} classes, {self.n_parameters:,} parameters, {self.flops_per_image / 1e6:,.1f} MFLOPs "
-            f"per {h}x{w} image",
+            f"  {self.num_classes} classes, {self.n_parameters:,} parameters{flops}",
             f"  eval {self.n_eval} records ({self.n_eval_members} members), test {self.n_test}; images {c}x{h}x{w} "
             f"{self.image_dtype} in [{self.value_range[0]:.3g}, {self.value_range[1]:.3g}]; labels "
             f"{self.label_range[0]}..{self.label_range[1]} of {self.num_classes} classes",
             f"  planned: {self.forward_passes:,} forward passes ({views} views + {noisy} noisy queries per record), "
-            f"about {_duration(self.estimated_seconds)} on {self.device} "
-            f"({1 / self.seconds_per_image:,.0f} images/s measured)",
+            + cost,
         ]
 
 
@@ -88,12 +91,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _flops(model: torch.nn.Module, image: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+def flops_per_image(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """Forward FLOPs of one image of ``shape`` (C, H, W) through ``model`` (a multiply-add counts 2),
+    counted by ``torch.utils.flop_counter`` on a zero image on the model's device."""
+    from torch.utils.flop_counter import FlopCounterMode  # here: its first use costs about a second
 
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(image[None])
+    device = next(model.parameters()).device
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *shape, device=device))
     return int(counter.get_total_flops())
 
 
@@ -115,8 +120,9 @@ def _seconds_per_image(model: torch.nn.Module, images: np.ndarray, device: torch
 
 
 def summarize_victim(victim: Victim, model: torch.nn.Module, info: VictimModelInfo, eval_recs: Records,
-                     test_recs: Records, config: RunConfig, root: Path) -> VictimSummary:
-    """The summary of a loaded victim (``model`` on the CPU, eval mode)."""
+                     test_recs: Records, config: RunConfig, root: Path, *, measure: bool = True) -> VictimSummary:
+    """The summary of a loaded victim (``model`` on the CPU, eval mode). With ``measure`` (the default;
+    ``run`` passes False when every logit is cached) FLOPs and forward time are measured."""
     views = len(VIEW_SETS[config.views])
     noisy = 2 * config.label_noise_draws * len(config.label_noise) if any(
         t.access == "label" for t in config.tasks) else 0
@@ -128,9 +134,11 @@ def summarize_victim(victim: Victim, model: torch.nn.Module, info: VictimModelIn
         except ValueError:
             where = f"repository {Path(info.architecture_file).name}"
     device = resolve_device(config.device)
+    flops, seconds_per_image = None, None
     try:
-        flops = _flops(model, torch.from_numpy(eval_recs.images[0]))
-        seconds_per_image = _seconds_per_image(model, eval_recs.images, device)
+        if measure:
+            flops = flops_per_image(model, eval_recs.images.shape[1:])
+            seconds_per_image = _seconds_per_image(model, eval_recs.images, device)
     except RuntimeError as e:  # shape errors from the model itself
         raise MIAError(f"{victim.name}: the model failed on images of shape {eval_recs.images.shape[1:]}: "
                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
@@ -195,12 +203,3 @@ def total_line(summary: BundleSummary) -> str:
     """One line: the planned scoring time of every victim together."""
     return (f"total: about {_duration(summary.estimated_seconds)} of scoring for {len(summary.victims)} victim(s) on "
             f"{summary.victims[0].device if summary.victims else '-'} (reference models, if any, come on top)")
-
-
-def format_summary(summary: BundleSummary) -> str:
-    """The whole report: victims, total planned time, problems."""
-    lines = [line for v in summary.victims for line in v.lines()]
-    if summary.victims:
-        lines.append(total_line(summary))
-    lines += [f"problem: {p}" for p in summary.problems]
-    return "\n".join(lines)

@@ -22,7 +22,7 @@ from mia.errors import DataError, MIAError
 from mia.inspection import load_victim, summarize_victim
 from mia.models.loading import VictimModelInfo, builder_key
 from mia.models.registry import REPO_ARCH_DIR
-from mia.scoring import VIEW_SETS, View, cached_logits, compute_logits, noise_views, precision_tag
+from mia.scoring import VIEW_SETS, View, cached_logits, compute_logits, logits_cache_path, noise_views, precision_tag
 from mia.core.thresholds import Sweep, sweep
 
 
@@ -110,11 +110,25 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
     ``log``, when given, receives the victim's summary (mia.inspection) before scoring starts."""
     t0 = time.perf_counter()
     model, info, eval_recs, test_recs = load_victim(victim, bundle, config)
-    if log is not None:
-        log("\n".join(summarize_victim(victim, model, info, eval_recs, test_recs, config, bundle.root).lines()))
     answers = load_answers(victim, len(test_recs))
     views = VIEW_SETS[config.views]
+    noise_queries, noise_levels = (label_noise_queries(eval_recs.images, config)
+                                   if config.label_noise and any(t.access == "label" for t in config.tasks)
+                                   else ((), []))
     cache_dir = bundle.root / ".cache" / "logits" if config.cache else None
+    key = (info.architecture_file, builder_key(info), precision_tag(config.device))
+
+    def entry(split: str, recs: Records, queries, suffix: str = "") -> Path | None:
+        return logits_cache_path(cache_dir, (victim.checkpoint, recs.path, *key),
+                                 f"{victim.name}-{split}{suffix.replace(' ', '-')}", queries)
+
+    if log is not None:  # the cost figures are measured only when something is left to score
+        planned = [entry(s, r, views) for s, r in (("eval", eval_recs), ("test", test_recs))]
+        if noise_queries:
+            planned += [entry(s, r, noise_queries, " noisy") for s, r in (("eval", eval_recs), ("test", test_recs))]
+        measure = any(p is None or not p.is_file() for p in planned)
+        log("\n".join(summarize_victim(victim, model, info, eval_recs, test_recs, config, bundle.root,
+                                       measure=measure).lines()))
 
     def scores(split: str, recs: Records, queries, suffix: str = "", labels_only: bool = False):
         """(logits (V, n, C), or labels (V, n) with labels_only; cache hit) of the model on these records."""
@@ -126,10 +140,7 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
             except RuntimeError as e:  # shape errors from the model itself
                 raise MIAError(f"{victim.name}: the model failed on {split} images of shape "
                                f"{recs.images.shape[1:]}: {e}") from e
-        return cached_logits(cache_dir, (victim.checkpoint, recs.path, info.architecture_file, builder_key(info),
-                                         precision_tag(config.device)),
-                             f"{victim.name}-{split}{suffix.replace(' ', '-')}", queries, compute,
-                             ndim=2 if labels_only else 3)
+        return cached_logits(entry(split, recs, queries, suffix), queries, compute, ndim=2 if labels_only else 3)
 
     hits = 0
     out = {}
@@ -146,11 +157,11 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         out[split] = logits
     data = VictimData(victim, info, eval_recs, test_recs, answers, [v.name for v in views], out["eval"], out["test"],
                       hits, 0.0)
-    if config.label_noise and any(t.access == "label" for t in config.tasks):
-        queries, data.noise_levels = label_noise_queries(eval_recs.images, config)
-        data.noise_view_names = [v.name for v in queries]
-        data.eval_noise_labels = scores("eval", eval_recs, queries, " noisy", labels_only=True)[0]
-        data.test_noise_labels = scores("test", test_recs, queries, " noisy", labels_only=True)[0]
+    if noise_queries:
+        data.noise_levels = noise_levels
+        data.noise_view_names = [v.name for v in noise_queries]
+        data.eval_noise_labels = scores("eval", eval_recs, noise_queries, " noisy", labels_only=True)[0]
+        data.test_noise_labels = scores("test", test_recs, noise_queries, " noisy", labels_only=True)[0]
     if config.references:
         from mia.references.attacks import ReferenceOptions, VictimAnswers, victim_reference_features
 

@@ -174,20 +174,18 @@ def cache_key(checkpoint: Path, data: Path, views: tuple[View, ...], architectur
     return h.hexdigest()[:24]
 
 
-def cached_logits(
-    cache_dir: Path | None,
-    key_parts: tuple,
-    label: str,
-    views: tuple[View, ...],
-    compute,
-    ndim: int = 3,
-) -> tuple[np.ndarray, bool]:
-    """Return (logits, hit). ``compute()`` runs only when no cache file for these contents exists.
-    ``key_parts``: the arguments of ``cache_key`` after ``views`` is left out: (checkpoint, data,
-    architecture_file[, builder[, precision]]). ``ndim``: 3 for logits (V, n, C), 2 for predicted labels (V, n)."""
+def logits_cache_path(cache_dir: Path | None, key_parts: tuple, label: str, views: tuple[View, ...]) -> Path | None:
+    """Where ``cached_logits`` keeps these logits (None without a cache folder). ``key_parts``: the
+    arguments of ``cache_key`` after ``views`` is left out: (checkpoint, data, architecture_file[, builder
+    [, precision]])."""
     if cache_dir is None:
-        return compute(), False
-    path = Path(cache_dir) / f"{label}-{cache_key(key_parts[0], key_parts[1], views, *key_parts[2:])}.npy"
+        return None
+    return Path(cache_dir) / f"{label}-{cache_key(key_parts[0], key_parts[1], views, *key_parts[2:])}.npy"
+
+
+def cached_logits(path: Path | None, views: tuple[View, ...], compute, ndim: int = 3) -> tuple[np.ndarray, bool]:
+    """Return (logits, hit) from the entry at ``path`` (see ``logits_cache_path``); ``compute()`` runs only
+    when there is no valid entry. ``ndim``: 3 for logits (V, n, C), 2 for predicted labels (V, n)."""
     return cached_array(path, compute, lambda a: _valid_scores(a, ndim, len(views)))
 
 

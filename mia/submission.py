@@ -89,7 +89,7 @@ def build_result_json(result) -> dict:
             "access": o.task.access,
             "file": f"results/{o.file_name}",
             "scores_file": f"results/scores/{o.file_name}",  # float64, larger = more likely member
-            "score_threshold": _threshold_json(sel.score_threshold),  # member exactly when score >= it
+            "score_threshold": sel.score_threshold,  # member exactly when score >= it ("inf"/"-inf" in JSON)
             **_selection_summary(sel),
             "selection": sel.selection,
             "folds": sel.folds,
@@ -109,11 +109,6 @@ def build_result_json(result) -> dict:
         "tasks": tasks,
         "failures": dict(sorted(result.failures.items())),
     })
-
-
-def _threshold_json(value: float) -> float | str:
-    """A threshold as JSON: a number, or "inf" / "-inf" (JSON has no infinities; float() reads them back)."""
-    return float(value) if np.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
 def chosen_test_scores(selection) -> np.ndarray:

@@ -92,3 +92,23 @@ def test_nan_weights_are_a_per_victim_error(foreign_bundle, tmp_path, capsys):
     assert "wrn10_2_toy: the model gives non-finite logits (NaN or inf) on 24 of 24 eval records" in captured.err
     assert (root / "results" / "task1_resnet34_toy.npy").is_file()  # the other victim was finished
     assert not (root / "results" / "task1_wrn10_2_toy.npy").exists()
+
+
+def test_a_warm_run_measures_nothing(foreign_bundle, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import mia.inspection
+
+    root = tmp_path / "b"
+    shutil.copytree(foreign_bundle, root, ignore=shutil.ignore_patterns("results", ".cache", "result.json"))
+    args = ["run", "--bundle", str(root), "--quiet", "--no-plots", "--victims", "wrn10_2_toy"]
+    assert main(args) == 0
+    assert "images/s measured" in capsys.readouterr().out  # cold: the cost is measured and shown
+
+    def refuse(*a, **k):
+        raise AssertionError("measured on a warm run")
+
+    monkeypatch.setattr(mia.inspection, "flops_per_image", refuse)
+    monkeypatch.setattr(mia.inspection, "_seconds_per_image", refuse)
+    assert main(args) == 0
+    assert "logits cached: nothing to score" in capsys.readouterr().out

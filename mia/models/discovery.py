@@ -9,7 +9,6 @@ difference.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,14 +138,14 @@ def _match(builder: Builder, state_dict: dict[str, torch.Tensor], arch: str) -> 
 
 
 def discover_architecture(arch: str, state_dict: dict[str, torch.Tensor], arch_dirs: list[Path], *,
-                          what: str = "checkpoint", log: Callable[[str], None] | None = None) -> Architecture:
+                          what: str = "checkpoint") -> Architecture:
     """The first candidate builder (see module docstring) that builds exactly ``state_dict``.
 
     ``what`` names the weights in messages (usually the checkpoint's path). Raises ArchitectureError
     listing every builder tried with its first difference when none fits, or naming what was looked
     for when there was no candidate at all."""
     tried: list[str] = []
-    for builder in candidate_builders(arch, arch_dirs, log=log):
+    for builder in candidate_builders(arch, arch_dirs):
         if isinstance(builder, ArchitectureError):
             tried.append(str(builder))
             continue

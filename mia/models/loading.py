@@ -1,7 +1,6 @@
 """Victim models: weights (mia.io.checkpoints) + builder discovery (mia.models.registry) -> a loaded model."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,15 +53,15 @@ def load_into(architecture: Architecture, state_dict: dict[str, torch.Tensor], w
     return model.float().eval()
 
 
-def load_victim_model(arch: str, checkpoint: str | Path, arch_dirs: list[Path], *, trust: bool = False,
-                      log: Callable[[str], None] | None = None) -> tuple[nn.Module, VictimModelInfo]:
+def load_victim_model(arch: str, checkpoint: str | Path, arch_dirs: list[Path], *,
+                      trust: bool = False) -> tuple[nn.Module, VictimModelInfo]:
     """Load a victim: weights -> the builder that makes exactly these keys and shapes -> strict load.
 
     Returns the model (CPU, float32, eval mode) and a VictimModelInfo. Raises CheckpointError for
     unreadable weights and ArchitectureError (listing every builder tried) when nothing builds them."""
     checkpoint = Path(checkpoint)
     state_dict, meta = load_state_dict(checkpoint, trust=trust)
-    found = discover_architecture(arch, state_dict, arch_dirs, what=str(checkpoint), log=log)
+    found = discover_architecture(arch, state_dict, arch_dirs, what=str(checkpoint))
     model = load_into(found, state_dict, checkpoint)
     b = found.builder
     info = VictimModelInfo(arch=arch, num_classes=found.num_classes, width=found.width, architecture_file=b.file,

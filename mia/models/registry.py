@@ -272,8 +272,7 @@ def _torchvision_builders(arch: str) -> list[Builder]:
                     kwargs=(("weights", None),)) for n in names]
 
 
-def candidate_builders(arch: str, arch_dirs: list[Path], *, log: Callable[[str], None] | None = None,
-                       ) -> Iterator[Builder | ArchitectureError]:
+def candidate_builders(arch: str, arch_dirs: list[Path]) -> Iterator[Builder | ArchitectureError]:
     """Every candidate builder for ``arch``, in discovery order; a file that fails to import yields
     its ArchitectureError in place (so the caller can report it and go on)."""
     for source, path in candidate_files(arch, arch_dirs):
@@ -282,8 +281,6 @@ def candidate_builders(arch: str, arch_dirs: list[Path], *, log: Callable[[str],
         except ArchitectureError as e:
             yield e
             continue
-        if log is not None and source == "bundle":
-            log(f"architecture code imported: {path}")
         yield from _module_builders(module, arch, source, path)
     yield from _torchvision_builders(arch)
 
