@@ -17,7 +17,7 @@ import io
 import math
 import pickle
 import re
-import warnings
+import struct
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NoReturn
@@ -27,7 +27,7 @@ import torch
 
 from mia.errors import DataError, UnsafePickleError
 
-__all__ = ["SAFE_GLOBALS", "exception_text", "file_size", "safe_load_pickle"]
+__all__ = ["MAX_NESTING", "SAFE_GLOBALS", "exception_text", "file_size", "safe_load_pickle"]
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _np_multiarray
@@ -64,7 +64,7 @@ _CANONICAL_GLOBALS = (
     ("numpy._core.numeric", "_frombuffer"),  # arrays, protocol 5
     ("torch._utils", "_rebuild_tensor_v2"),
     ("torch._utils", "_rebuild_parameter"),
-    ("torch.storage", "_load_from_bytes"),  # replaced by a weights_only=True load
+    ("torch.storage", "_load_from_bytes"),  # its bytes parsed here (mia.io.unpickler._legacy_storage)
 )
 
 SAFE_GLOBALS: frozenset[str] = frozenset(
@@ -108,6 +108,49 @@ def _is_numeric_dtype(value: object) -> bool:
             and value.subdtype is None and not value.hasobject)
 
 
+MAX_NESTING = 100
+"""Containers inside containers a pickle may hold (a record list needs 3): deeper ones are refused, since
+recursive C code (hashing, comparison, repr, torch.tensor) would overflow the interpreter's stack."""
+
+_HASH_MODULUS = (1 << 61) - 1  # CPython hashes ints modulo this prime: smaller ones never collide
+
+
+def _is_safe_key(key: object) -> bool:
+    """Keys whose hashes an attacker cannot make collide (colliding keys make dict building quadratic):
+    strings and bytes (randomised hashes), small ints, bools and None."""
+    return type(key) in (str, bytes, bool) or key is None or (type(key) is int and -_HASH_MODULUS < key < _HASH_MODULUS)
+
+
+class _BoundedFile:
+    """The file as the unpickler reads it: a read longer than what is left of the file is refused before
+    anything is read or allocated (a BYTES8 opcode claiming 2 GiB in a 15-byte file)."""
+
+    def __init__(self, f: io.BufferedIOBase, size: int, path: Path | None):
+        self._f, self._left, self._path = f, size, path
+
+    def _check(self, n: int) -> None:
+        if n > self._left:
+            raise DataError(f"truncated or not a pickle: it declares {n} bytes where {self._left} are left (a "
+                            f"truncated file or a forged length)", path=self._path)
+
+    def read(self, n: int) -> bytes:
+        self._check(n)
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+    def readinto(self, buf: bytearray) -> int:
+        self._check(len(buf))
+        n = self._f.readinto(buf)
+        self._left -= n
+        return n
+
+    def readline(self) -> bytes:
+        data = self._f.readline()
+        self._left -= len(data)
+        return data
+
+
 class _RestrictedUnpickler(pickle._Unpickler):
     """The pure-Python unpickler, restricted to what numpy arrays and torch tensors need.
 
@@ -123,14 +166,18 @@ class _RestrictedUnpickler(pickle._Unpickler):
       checked against what numpy writes;
     * APPEND(S), SETITEM(S) and ADDITEMS act only on real lists, dicts and sets;
     * arrays, storages and byte strings created may total at most ``byte_budget`` bytes, so a
-      small file cannot allocate a lot of memory by reusing one payload many times.
+      small file cannot allocate a lot of memory by reusing one payload many times; a declared length
+      is checked against the bytes left in the file before anything is allocated (``_BoundedFile``);
+    * dict keys and set members are strings, bytes or small ints (``_is_safe_key``): colliding keys
+      would make building a dict quadratic in the file's size.
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, file: io.BufferedIOBase, path: Path | None, byte_budget: int):
-        super().__init__(file)
+    def __init__(self, file: io.BufferedIOBase, path: Path | None, byte_budget: int, size: int):
+        super().__init__(_BoundedFile(file, size, path))
         self._path = path
+        self._size = size
         self._byte_budget = byte_budget
         self._ndarray_token = object()  # what numpy.ndarray resolves to: inert
         self._unbuilt: dict[int, object] = {}  # dtypes and arrays awaiting their single BUILD
@@ -219,6 +266,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         target = self.stack[-1]
         if type(target) not in (dict, OrderedDict):
             self._malformed(f"SETITEM on a {type(target).__name__}")
+        self._check_keys((key,))
         target[key] = value
 
     def _load_setitems(self) -> None:
@@ -226,6 +274,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         target = self.stack[-1]
         if type(target) not in (dict, OrderedDict):
             self._malformed(f"SETITEMS on a {type(target).__name__}")
+        self._check_keys(items[::2])
         for i in range(0, len(items) - 1, 2):
             target[items[i]] = items[i + 1]
 
@@ -234,7 +283,34 @@ class _RestrictedUnpickler(pickle._Unpickler):
         target = self.stack[-1]
         if type(target) is not set:
             self._malformed(f"ADDITEMS on a {type(target).__name__}")
+        self._check_keys(items)
         target.update(items)
+
+    def _load_dict(self) -> None:
+        items = self.pop_mark()
+        self._check_keys(items[::2])
+        self.append({items[i]: items[i + 1] for i in range(0, len(items) - 1, 2)})
+
+    def _load_frozenset(self) -> None:
+        items = self.pop_mark()
+        self._check_keys(items)
+        self.append(frozenset(items))
+
+    def _load_bytearray8(self) -> None:
+        n, = struct.unpack("<Q", self.read(8))
+        if n > self._size:
+            self._malformed(f"BYTEARRAY8 declares {n} bytes in a file of {self._size}")
+        self._spend(n)
+        buf = bytearray(n)
+        self.readinto(buf)
+        self.append(buf)
+
+    def _check_keys(self, keys) -> None:
+        for key in keys:
+            if not _is_safe_key(key):
+                what = "an int beyond 2**61" if type(key) is int else f"a {type(key).__name__}"
+                self._malformed(f"{what} as a dict key or set member: dataset pickles key by names and small "
+                                f"integers (others can be made to collide)")
 
     def _load_inst(self) -> NoReturn:
         module = self.readline()[:-1].decode("ascii")
@@ -250,6 +326,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.SETITEMS[0]] = _load_setitems
     dispatch[pickle.ADDITEMS[0]] = _load_additems
     dispatch[pickle.INST[0]] = _load_inst
+    dispatch[pickle.DICT[0]] = _load_dict
+    dispatch[pickle.FROZENSET[0]] = _load_frozenset
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
     for _opcode, _name in ((pickle.NEWOBJ, "NEWOBJ"), (pickle.NEWOBJ_EX, "NEWOBJ_EX"), (pickle.OBJ, "OBJ"),
                            (pickle.EXT1, "EXT1"), (pickle.EXT2, "EXT2"), (pickle.EXT4, "EXT4")):
         dispatch[_opcode[0]] = lambda self, _name=_name: self._refuse_opcode(_name)
@@ -259,11 +338,13 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def _set(self, *args: Any) -> set[Any]:
         if len(args) > 1 or (args and type(args[0]) not in (list, tuple)):
             self._malformed("builtins.set is only allowed on a list")
+        self._check_keys(args[0] if args else ())
         return set(*args)
 
     def _frozenset(self, *args: Any) -> frozenset[Any]:
         if len(args) > 1 or (args and type(args[0]) not in (list, tuple)):
             self._malformed("builtins.frozenset is only allowed on a list")
+        self._check_keys(args[0] if args else ())
         return frozenset(*args)
 
     def _complex(self, *args: Any) -> complex:
@@ -359,12 +440,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def _load_from_bytes(self, *args: Any) -> torch.storage.TypedStorage:
         if not (len(args) == 1 and type(args[0]) is bytes):
             self._malformed("torch.storage._load_from_bytes called with unexpected arguments")
-        storage = _load_storage_weights_only(args[0], self._path)
-        nbytes = storage._untyped_storage.nbytes()
-        if nbytes > len(args[0]):
-            self._malformed("embedded torch storage is larger than its bytes")
-        self._spend(nbytes)
-        return storage
+        self._spend(len(args[0]))
+        return _legacy_storage(args[0], self._path)
 
     def _rebuild_tensor_v2(self, *args: Any) -> torch.Tensor:
         # (storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])
@@ -396,36 +473,123 @@ class _RestrictedUnpickler(pickle._Unpickler):
         return torch.nn.Parameter(args[0], args[1])
 
 
-def _weights_only_reason(message: str) -> str:
-    """The specific part of torch's "Weights only load failed" message (it wraps it in advice)."""
-    marker = "WeightsUnpickler error:"
-    if marker in message:
-        reason = message.split(marker, 1)[1]
-    else:
-        lines = [ln for ln in message.splitlines() if ln.strip()]
-        reason = "\n".join(lines[1:]) if len(lines) > 1 else message
-    reason = " ".join(reason.split("Check the documentation", 1)[0].split())
-    return reason.split(" Please use `torch.serialization", 1)[0] or "(no reason given)"
+# --------------------------------------------------------------------------- embedded torch storages
+
+# torch's storage classes as a legacy blob names them, and the dtype each holds.
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128,
+}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+_LEGACY_PROTOCOL = 1001  # torch.serialization.PROTOCOL_VERSION
 
 
-def _load_storage_weights_only(data: bytes, path: Path | None) -> torch.storage.TypedStorage:
-    """What ``torch.storage._load_from_bytes`` does, with ``weights_only=True`` and on the CPU."""
-    try:
-        with warnings.catch_warnings():  # torch warns about odd protocols etc.; failures are raised below
-            warnings.simplefilter("ignore")
-            storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = _weights_only_reason(str(exc))
-        if "GLOBAL" in reason or "global" in reason:
-            raise UnsafePickleError(
-                f"embedded torch storage refused by torch.load(weights_only=True): {_short(reason, 300)}", path=path
-            ) from None
-        raise DataError(f"embedded torch storage is corrupt: {_short(reason, 300)}", path=path) from None
-    except Exception as exc:  # untrusted bytes: any failure is a data problem
-        raise DataError(f"embedded torch storage is corrupt ({exception_text(exc)})", path=path) from None
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise DataError(f"embedded torch storage holds a {type(storage).__name__}, not a storage", path=path)
-    return storage
+class _StorageRef:
+    """What the persistent id of a legacy blob names: one storage's dtype, key and element count."""
+
+    def __init__(self, dtype: torch.dtype, key: str, numel: int):
+        self.dtype, self.key, self.numel = dtype, key, numel
+
+
+class _LegacyBlobUnpickler(_RestrictedUnpickler):
+    """The small pickles of a legacy storage blob: headers, one persistent id, the list of storage keys.
+
+    Globals resolve only to torch's storage classes, and only inside the persistent id."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise UnsafePickleError(f"embedded torch storage refers to global {_short(module, 100)}.{_short(name, 100)}: "
+                                f"only torch's storage classes are allowed", path=self._path)
+
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        # ('storage', torch.FloatStorage, key, location, numel[, view_metadata])
+        if not (type(pid) is tuple and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
+                and type(pid[2]) is str and len(pid[2]) <= 64 and type(pid[3]) is str and len(pid[3]) <= 64
+                and type(pid[4]) is int and pid[4] >= 0 and (len(pid) == 5 or pid[5] is None)):
+            self._malformed(f"embedded torch storage with an unexpected persistent id {_short(repr(pid), 120)}")
+        return _StorageRef(pid[1], pid[2], pid[4])
+
+
+def _legacy_storage(data: bytes, path: Path | None) -> torch.storage.TypedStorage:
+    """The storage in ``data``, the blob ``torch.storage._load_from_bytes`` receives, parsed without torch.load.
+
+    A pickled tensor embeds its storage in torch's legacy format: magic number, protocol version and
+    system-info pickles, a pickle holding one persistent id (dtype, key, element count), the pickled list
+    of the storage keys whose bytes follow, then per key an int64 element count and the raw bytes. Only
+    exactly that is accepted: one storage, listed once, its count equal to the persistent id's and its
+    bytes all present. Every byte of the result comes from the blob (torch's own loader leaves a storage
+    that is missing from the key list unfilled, so heap memory would become data).
+    """
+    def malformed(what: str) -> NoReturn:
+        raise DataError(f"embedded torch storage is corrupt: {what}", path=path)
+
+    f = io.BytesIO(data)
+
+    def unpickle() -> Any:
+        try:
+            return _LegacyBlobUnpickler(f, path, byte_budget=len(data), size=len(data) - f.tell()).load()
+        except UnsafePickleError:
+            raise
+        except DataError as exc:
+            malformed(str(exc).removeprefix(f"{path}: ").removeprefix("malformed pickle: ")
+                      .removeprefix("truncated or not a pickle: "))
+        except Exception as exc:  # untrusted bytes: every failure is a data problem
+            malformed(f"not a torch storage ({exception_text(exc)})")
+
+    magic, protocol, sys_info = unpickle(), unpickle(), unpickle()
+    if type(magic) is not int or magic != _LEGACY_MAGIC or type(protocol) is not int or protocol != _LEGACY_PROTOCOL:
+        malformed("not torch's legacy storage format")
+    if type(sys_info) is not dict or sys_info.get("little_endian") is not True:
+        malformed("not a little-endian storage")
+    ref = unpickle()
+    if not isinstance(ref, _StorageRef):
+        malformed(f"it holds a {type(ref).__name__}, not a storage")
+    keys = unpickle()
+    if keys != [ref.key]:
+        malformed(f"its key list {_short(repr(keys), 80)} does not list its one storage {ref.key!r} once")
+    header = f.read(8)
+    if len(header) != 8 or struct.unpack("<q", header)[0] != ref.numel:
+        malformed(f"its data does not start with its element count {ref.numel}")
+    itemsize = torch.empty((), dtype=ref.dtype).element_size()
+    payload = f.read()
+    if len(payload) != ref.numel * itemsize:
+        malformed(f"{len(payload)} bytes of data for {ref.numel} elements of {ref.dtype}")
+    raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+    return torch.storage.TypedStorage(wrap_storage=raw.untyped_storage(), dtype=ref.dtype, _internal=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _nesting_problem(root: object) -> str | None:
+    """Why ``root`` cannot be handed to code that walks it recursively: containers nested deeper than
+    MAX_NESTING, or a container that contains itself. None when it is fine. Iterative, linear time."""
+    containers = (list, tuple, dict, OrderedDict, set, frozenset)
+    height: dict[int, int] = {}  # id -> containers on the longest path down from it (done)
+    active: set[int] = set()  # ids on the path from the root to the node being expanded
+
+    def children(obj: Any):
+        return (x for kv in obj.items() for x in kv) if isinstance(obj, dict) else iter(obj)
+
+    stack: list[tuple[Any, bool]] = [(root, False)] if type(root) in containers else []
+    while stack:
+        obj, expanded = stack.pop()
+        i = id(obj)
+        if expanded:
+            active.discard(i)
+            height[i] = h = 1 + max((height[id(c)] for c in children(obj) if type(c) in containers), default=0)
+            if h > MAX_NESTING:
+                return f"containers nested more than {MAX_NESTING} deep"
+        elif i in active:
+            return "a container that contains itself"
+        elif i not in height:
+            active.add(i)
+            stack.append((obj, True))
+            stack.extend((c, False) for c in children(obj) if type(c) in containers and id(c) not in height)
+    return None
 
 
 def file_size(path: Path) -> int:
@@ -457,14 +621,16 @@ def safe_load_pickle(path: str | Path) -> object:
             raise DataError("a zip archive (torch.save format?), not a pickle", path=path)
         f.seek(0)
         try:
-            return _RestrictedUnpickler(f, path, byte_budget=2 * size + (1 << 20)).load()
+            obj = _RestrictedUnpickler(f, path, byte_budget=2 * size + (1 << 20), size=size).load()
         except DataError:
             raise
+        except RecursionError:
+            raise DataError(f"containers nested more than {MAX_NESTING} deep", path=path) from None
         except MemoryError:
             raise DataError("pickle too large to load into memory", path=path) from None
         except Exception as exc:  # untrusted bytes: every failure is reported as a data problem
             raise DataError(f"truncated or not a pickle ({exception_text(exc)})", path=path) from exc
-
-
-# --------------------------------------------------------------------------- record validation
-
+    problem = _nesting_problem(obj)
+    if problem is not None:
+        raise DataError(f"malformed pickle: {problem}", path=path)
+    return obj

@@ -1,0 +1,1 @@
+"""A corpus of hostile dataset pickles (``corpus.cases``), written by the tests that use it."""
