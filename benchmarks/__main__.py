@@ -1,6 +1,6 @@
 """``python -m benchmarks``: run the benchmarks and print Markdown tables (optionally save JSON).
 
-    python -m benchmarks [--only scoring,sweep,e2e] [--tiny] [--device auto] [--repeat N] [--json OUT]
+    python -m benchmarks [--only scoring,sweep,e2e,precision] [--tiny] [--device auto] [--repeat N] [--json OUT]
 
 ``--tiny`` shrinks every benchmark to a smoke-test size (seconds to a minute); the numbers are then
 only good for checking that everything runs.
@@ -17,13 +17,14 @@ from pathlib import Path
 
 from benchmarks import BenchResult, markdown_table, machine_info
 
-BENCHMARKS = ("scoring", "sweep", "e2e")
+BENCHMARKS = ("scoring", "sweep", "e2e", "precision")
+DEFAULT = ("scoring", "sweep", "e2e")  # precision scores a bundle twice (bf16 on a CPU is slow): opt in
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    p.add_argument("--only", default=",".join(BENCHMARKS),
-                   help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
+    p.add_argument("--only", default=",".join(DEFAULT),
+                   help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: {','.join(DEFAULT)})")
     p.add_argument("--tiny", action="store_true", help="toy sizes and a tiny demo bundle built in a temp dir")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions per measurement (default 3)")
@@ -74,6 +75,19 @@ def run_benchmarks(args: argparse.Namespace, log=print) -> dict[str, BenchResult
             cfg = SweepConfig(repeat=args.repeat, brute_force_cap_s=args.brute_force_cap)
             if args.tiny:
                 cfg.sizes, cfg.brute_force_cap_s = (1_000, 10_000), min(args.brute_force_cap, 2.0)
+            results[name] = run(cfg, log=log)
+        elif name == "precision":
+            from benchmarks.bench_precision import PrecisionConfig, run
+
+            import tempfile
+
+            from benchmarks.bench_end_to_end import EndToEndConfig, resolve_bundle
+
+            bundle, _ = resolve_bundle(EndToEndConfig(bundle=args.bundle, tiny=args.tiny),
+                                       Path(tempfile.mkdtemp(prefix="mia-precision-")), log=log)
+            cfg = PrecisionConfig(bundle=bundle, device=args.device)
+            if args.tiny:
+                cfg.head_sample = 16
             results[name] = run(cfg, log=log)
         else:
             from benchmarks.bench_end_to_end import EndToEndConfig, run

@@ -46,6 +46,8 @@ class RunConfig:
     min_class_count: int = 20  # fewer eval records of a class -> the global threshold is used for it
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     batch_size: int = 256  # records per forward pass (each expands to one image per view)
+    precision: str = "auto"  # scoring arithmetic: "auto" (bf16 autocast with an fp32 classifier head on CUDA,
+    #   fp32 elsewhere), "fp32", or "bf16" (also on the CPU, where it emulates a GPU run); see mia.scoring
     plots: bool = True  # write results/plots/*.png
     cache: bool = True  # cache logits, validated records and figures under <bundle>/.cache, keyed by contents
     trust_checkpoints: bool = False  # allow checkpoints that are whole pickled models (runs their code)
@@ -63,6 +65,8 @@ class RunConfig:
         self.tasks = tuple(t if isinstance(t, TaskConfig) else TaskConfig(**t) for t in self.tasks)
         if self.method not in ("strong", "seed"):
             raise ValueError(f"method must be 'strong' or 'seed', got {self.method!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self.reference_views not in ("identity", "flip", "standard"):
             raise ValueError(f"reference_views must be 'identity', 'flip' or 'standard', got {self.reference_views!r}")
         self.label_noise = tuple(float(s) for s in self.label_noise)

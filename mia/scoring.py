@@ -108,13 +108,39 @@ def apply_view(images: torch.Tensor, view: View) -> torch.Tensor:
     return out
 
 
-def precision_tag(device: str | torch.device | None) -> str:
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(device: str | torch.device | None, precision: str = "auto") -> str:
+    """"fp32" or "bf16": how compute_logits runs. "auto" is bf16 autocast on CUDA (with the classifier head
+    in fp32, see compute_logits) and fp32 elsewhere; "bf16" on the CPU emulates a GPU run's arithmetic."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if resolve_device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def precision_tag(device: str | torch.device | None, precision: str = "auto") -> str:
     """Everything about how compute_logits runs on ``device`` that changes its numbers: the device type,
-    the arithmetic (bf16 autocast on CUDA, fp32 elsewhere) and the torch version. Part of every logits
+    the arithmetic (bf16 autocast with an fp32 head, or fp32) and the torch version. Part of every logits
     cache key, so logits computed one way are never reused for a run of another."""
     dev = resolve_device(device)
-    mode = "bf16-autocast" if dev.type == "cuda" else "fp32"
+    mode = "bf16-autocast-fp32-head" if resolve_precision(dev, precision) == "bf16" else "fp32"
     return f"device={dev.type};{mode};torch={torch.__version__}"
+
+
+def classifier_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's last ``nn.Linear`` (its classifier in every architecture we build), or None."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def _head_in_fp32(module: torch.nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the head's output recomputed in fp32 from its (bf16) input, autocast off."""
+    with torch.autocast(inputs[0].device.type, enabled=False):
+        bias = None if module.bias is None else module.bias.float()
+        return F.linear(inputs[0].float(), module.weight.float(), bias)
 
 
 @torch.inference_mode()
@@ -127,17 +153,34 @@ def compute_logits(
     batch_size: int = 256,
     progress: bool | str = False,
     labels_only: bool = False,
+    precision: str = "auto",
+    fp32_head: bool = True,
 ) -> np.ndarray:
     """Logits of ``model`` on ``images`` (n, C, H, W) float32 under each view -> (V, n, classes) float32;
     with ``labels_only`` just the predicted labels (argmax) -> (V, n) int64 (for many noisy queries).
 
     The model runs in channels_last memory format (faster convolutions on the CPU as well); on CUDA
-    in bf16 autocast with pinned, non-blocking copies and one forward pass for all views of a batch;
-    on the CPU in float32, that batch split into forward passes of ``CPU_FORWARD_IMAGES`` images.
+    with pinned, non-blocking copies and one forward pass for all views of a batch; on the CPU that
+    batch is split into forward passes of ``CPU_FORWARD_IMAGES`` images. ``precision`` (see
+    resolve_precision): under "bf16" the body runs in bf16 autocast and, with ``fp32_head``, the
+    classifier head (classifier_head) in fp32, so the logits are not rounded to bf16's 8-bit mantissa.
     The model is put in eval mode.
     """
     dev = resolve_device(device)
     model = model.to(dev).eval().to(memory_format=torch.channels_last)
+    bf16 = resolve_precision(dev, precision) == "bf16"
+    head = classifier_head(model) if bf16 and fp32_head else None
+    hook = head.register_forward_hook(_head_in_fp32) if head is not None else None
+    try:
+        return _forward_views(model, images, views, dev, batch_size, progress, labels_only, bf16)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _forward_views(model: torch.nn.Module, images: np.ndarray, views: tuple[View, ...], dev: torch.device,
+                   batch_size: int, progress: bool | str, labels_only: bool, bf16: bool) -> np.ndarray:
+    """compute_logits' loop over batches (the model prepared and on ``dev``)."""
     cuda = dev.type == "cuda"
     x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     if cuda:
@@ -151,7 +194,7 @@ def compute_logits(
         x = x_all[start : start + batch_size].to(dev, non_blocking=True)
         batch = torch.cat([apply_view(x, v) for v in views])  # (V*B, C, H, W): one forward for all views
         batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(batch) if cuda else torch.cat([model(b) for b in batch.split(CPU_FORWARD_IMAGES)])
         out = out.float().reshape(len(views), x.shape[0], -1)
         chunks.append(out.argmax(dim=-1) if labels_only else out)

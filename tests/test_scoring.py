@@ -61,6 +61,55 @@ def test_precision_is_part_of_the_logits_cache_key(tmp_path, monkeypatch):
     f.write_bytes(b"x")
     assert precision_tag("cpu") == f"device=cpu;fp32;torch={torch.__version__}"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the tag only, nothing runs on CUDA
-    assert precision_tag("cuda") == f"device=cuda;bf16-autocast;torch={torch.__version__}"
+    assert precision_tag("cuda") == f"device=cuda;bf16-autocast-fp32-head;torch={torch.__version__}"
+    assert precision_tag("cpu", "bf16") == f"device=cpu;bf16-autocast-fp32-head;torch={torch.__version__}"
+    assert precision_tag("cuda", "fp32") == f"device=cuda;fp32;torch={torch.__version__}"
     keys = {cache_key(f, f, (IDENTITY,), None, "", p) for p in ("", precision_tag("cpu"), precision_tag("cuda"))}
     assert len(keys) == 3  # a bf16 GPU run and an fp32 CPU run never share cached logits
+
+
+def _small_convnet(classes: int = 7) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes))
+
+
+def test_bf16_scoring_keeps_the_classifier_head_in_fp32():
+    from mia.scoring import classifier_head
+
+    model = _small_convnet()
+    images = np.random.default_rng(0).normal(size=(9, 3, 8, 8)).astype(np.float32)
+    head = classifier_head(model)
+    assert head is model[-1]
+    seen = {}
+    probe = head.register_forward_hook(lambda m, i, o: seen.update(input=i[0].detach().clone()))
+    with_head = compute_logits(model, images, device="cpu", precision="bf16", batch_size=4)[0]
+    probe.remove()
+    # the head's output is exactly fp32 arithmetic on its (bf16) input, not bf16-rounded logits
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(seen["input"].float(), head.weight, head.bias)[-1].numpy()
+    np.testing.assert_array_equal(with_head[-1], expected)
+    all_bf16 = compute_logits(model, images, device="cpu", precision="bf16", fp32_head=False)[0]
+    assert (torch.from_numpy(all_bf16).bfloat16().float().numpy() == all_bf16).all()  # bf16-representable
+    assert not (torch.from_numpy(with_head).bfloat16().float().numpy() == with_head).all()
+    fp32 = compute_logits(model, images, device="cpu", precision="fp32")[0]
+    assert np.abs(with_head - fp32).max() < 0.05  # bf16 body: close, not equal
+    assert not model[-1]._forward_hooks  # the hook is removed afterwards
+
+
+def test_precision_auto_is_fp32_on_the_cpu():
+    from mia.scoring import resolve_precision
+
+    assert resolve_precision("cpu") == "fp32" and resolve_precision("cpu", "bf16") == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("cpu", "fp16")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_scoring_agrees_with_the_cpu():
+    model = _small_convnet()
+    images = np.random.default_rng(1).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    cpu = compute_logits(model, images, device="cpu", precision="fp32")
+    gpu = compute_logits(model, images, device="cuda", precision="auto")
+    assert np.abs(gpu - cpu).max() < 0.05 and (gpu.argmax(-1) == cpu.argmax(-1)).mean() > 0.95

@@ -56,6 +56,7 @@ def _run_config(args) -> RunConfig:
         folds=args.folds,
         seed=args.seed,
         device=args.device,
+        precision=args.precision,
         batch_size=args.batch_size,
         plots=not args.no_plots,
         cache=not args.no_cache,
@@ -73,6 +74,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     d = RunConfig()  # the one source of defaults: every default below is read from it
     add_bundle_option(p)
     p.add_argument("--device", default=d.device, help=f"auto (cuda if available), cpu, cuda, cuda:N (default {d.device})")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
+                   help="scoring arithmetic: auto = bf16 autocast with an fp32 classifier head on CUDA, fp32 on the "
+                        f"CPU; bf16 on the CPU emulates a GPU run (default {d.precision})")
     p.add_argument("--method", choices=("strong", "seed"), default=d.method,
                    help="strong: every candidate, chosen by cross-validation (default); seed: the seed's method")
     p.add_argument("--views", choices=("identity", "flip", "standard"), default=d.views,
