@@ -14,6 +14,7 @@ sees fewer features than a default run, on both precisions alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def run(cfg: PrecisionConfig, log=print) -> BenchResult:
         per = {}
         for precision in ("fp32", "bf16"):
             config = dataclasses.replace(base, precision=precision)
-            s, data = timed(lambda: score_victim(victim, bundle, config, progress=False))
+            s, data = timed(functools.partial(score_victim, victim, bundle, config, progress=False))
             seconds[(victim.name, precision)] = s
             if data.answers is None:
                 raise SystemExit(f"{victim.name}: the precision benchmark needs an answer key (answers/)")
@@ -112,7 +113,7 @@ def run(cfg: PrecisionConfig, log=print) -> BenchResult:
         ["### bf16 (fp32 head) against fp32 scoring: chosen attacks and test figures (%)\n\n" + table,
          "### How far the logits move (identity view, eval records)\n\n" + logit_table],
         checks,
-        notes=[f"device {cfg.device}; views {cfg.views}; label-only noisy queries "
-               f"{'off' if not cfg.label_noise else cfg.label_noise}; no reference models"],
+        notes=[(f"device {cfg.device}; views {cfg.views}; label-only noisy queries "
+                f"{'off' if not cfg.label_noise else cfg.label_noise}; no reference models")],
         settings={k: str(v) for k, v in dataclasses.asdict(cfg).items()},
     )

@@ -5,7 +5,14 @@ import time
 from pathlib import Path
 
 from mia.cli.options import add_bundle_option, add_trust_option, add_victims_option
-from mia.references import ReferenceRecipe, load_reference_set, parse_shard, references_folder, train_references
+from mia.references import (
+    ReferenceRecipe,
+    load_reference_set,
+    parse_shard,
+    references_folder,
+    train_references,
+)
+from mia.references.launch import SlurmOptions
 from mia.references.train import pct
 
 
@@ -33,6 +40,18 @@ def add_parser(subparsers) -> object:
                    help="folder (or file) of extra .p records [image, label(, membership)] added to the pool")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="train only models j with j %% N == I (default 0/1)")
     p.add_argument("--merge-only", action="store_true", help="train nothing: rebuild the manifests and report")
+    fan = p.add_argument_group("fan-out (one job per model; an interrupted fan-out resumes when run again)")
+    fan.add_argument("--devices", default=None, metavar="LIST",
+                     help="one worker process per device on this node, sharing one queue of jobs: GPU indices "
+                          "(0,1,2,3) or device names (cpu,cpu)")
+    fan.add_argument("--launcher", choices=("slurm", "submitit-local"), default=None,
+                     help="submit the jobs as a job array through submitit: to Slurm (one GPU per task), or as "
+                          "local processes (submitit-local, no cluster needed)")
+    fan.add_argument("--slurm-partition", default=None, help="Slurm partition (default: the cluster's)")
+    fan.add_argument("--timeout-min", type=int, default=SlurmOptions.timeout_min,
+                     help=f"wall-time limit of one job in minutes (default {SlurmOptions.timeout_min})")
+    fan.add_argument("--array-parallelism", type=int, default=SlurmOptions.array_parallelism,
+                     help=f"array tasks running at once (default {SlurmOptions.array_parallelism})")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=defaults.seed)
     add_trust_option(p)
@@ -53,6 +72,8 @@ def run_cli(args) -> int:
     bundle_root = args.bundle if args.bundle is not None else default_bundle(progress=not args.quiet)
     bundle = discover(bundle_root, victims=list(args.victims) if args.victims else None)
     t0 = time.perf_counter()
+    if args.devices is not None or args.launcher is not None:
+        return _fan_out(args, bundle, recipe, t0)
     for victim in bundle.victims:
         if args.merge_only:
             ref_set = load_reference_set(bundle.root, victim, arch_dirs=bundle.arch_dirs)
@@ -63,14 +84,55 @@ def run_cli(args) -> int:
             ref_set = train_references(bundle.root, victim, recipe, population=args.population, shard=shard,
                                        progress=not args.quiet, arch_dirs=bundle.arch_dirs,
                                        trust=args.trust_checkpoints, log=print)
-        print(f"{victim.name}: {len(ref_set.complete)} of {ref_set.k} reference models complete in {ref_set.folder}"
-              f" ({len(ref_set.trained)} trained now)")
-        for j in ref_set.complete:
-            meta = ref_set.models[j]
-            print(f"  model {j:03d}: OUT accuracy {pct(meta.get('out_accuracy'))}, "
-                  f"IN accuracy {pct(meta.get('in_accuracy'))}, {meta.get('seconds', float('nan')):.1f}s")
-        missing = [j for j in range(ref_set.k) if j not in ref_set.complete]
-        if missing:
-            print(f"  missing: {missing}")
+        _report(victim, ref_set)
     print(f"total {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _fan_out(args, bundle, recipe: ReferenceRecipe, t0: float) -> int:
+    """--devices / --launcher: every missing model as one job, run by the chosen engine, then merged."""
+    from mia.errors import MIAError
+    from mia.references.launch import (
+        merge,
+        parse_devices,
+        plan_jobs,
+        run_local,
+        run_submitit,
+    )
+
+    if args.devices is not None and args.launcher is not None:
+        raise MIAError("--devices (workers on this node) and --launcher (a job array) exclude each other")
+    if args.merge_only or args.shard != "0/1":
+        raise MIAError("--devices / --launcher replace --shard and cannot be combined with --merge-only")
+    jobs = plan_jobs(bundle, recipe, population=args.population, trust=args.trust_checkpoints)
+    print(f"{len(jobs)} reference models to train for {len(bundle.victims)} victims")
+    if args.devices is not None:
+        results, failures = run_local(jobs, parse_devices(args.devices))
+    else:
+        options = SlurmOptions(partition=args.slurm_partition, timeout_min=args.timeout_min,
+                               array_parallelism=args.array_parallelism)
+        cluster = "slurm" if args.launcher == "slurm" else "local"
+        results, failures = run_submitit(jobs, bundle.root / "references" / ".submitit", cluster=cluster, options=options)
+    for victim, ref_set in zip(bundle.victims, merge(bundle, recipe, population=args.population,
+                                                     trust=args.trust_checkpoints)):
+        _report(victim, ref_set, trained=sum(r["trained"] for r in results if r["victim"] == victim.name))
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    if failures:
+        print(f"{len(failures)} jobs failed (run the same command again to retry them):")
+        for line in failures:
+            print(f"  {line}")
+        return 1
+    return 0
+
+
+def _report(victim, ref_set, trained: int | None = None) -> None:
+    trained = len(ref_set.trained) if trained is None else trained
+    print(f"{victim.name}: {len(ref_set.complete)} of {ref_set.k} reference models complete in {ref_set.folder}"
+          f" ({trained} trained now)")
+    for j in ref_set.complete:
+        meta = ref_set.models[j]
+        print(f"  model {j:03d}: OUT accuracy {pct(meta.get('out_accuracy'))}, "
+              f"IN accuracy {pct(meta.get('in_accuracy'))}, {meta.get('seconds', float('nan')):.1f}s")
+    missing = [j for j in range(ref_set.k) if j not in ref_set.complete]
+    if missing:
+        print(f"  missing: {missing}")

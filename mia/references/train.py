@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ def train_references(
     *,
     population: str | Path | None = None,
     shard: tuple[int, int] = (0, 1),
+    only: Iterable[int] | None = None,
     progress: bool = True,
     references_root: str | Path | None = None,
     arch_dirs: list[Path] | None = None,
@@ -79,7 +80,8 @@ def train_references(
 
     Models j with ``j % n == i`` for ``shard=(i, n)`` that are not complete yet are trained, each on
     the pool records its mask marks IN, and written atomically (``.pth`` then ``.json``); the
-    manifest is rebuilt after each one. Architecture, class count and width (unless
+    manifest is rebuilt after each one. ``only``: train no models but these (``()`` trains none: it
+    checks the folder against the recipe, writes the masks and rebuilds the manifest, as a merge). Architecture, class count and width (unless
     ``recipe.width``) come from the victim's weights; ``trust`` is passed to load_state_dict.
     ``log`` receives one line per trained model. Raises MIAError when the folder holds models of
     another recipe or pool.
@@ -112,7 +114,8 @@ def train_references(
     write_manifest(folder, header, complete)
 
     device = resolve_device(recipe.device)
-    todo = [j for j in range(recipe.k) if j % n_shard == i_shard and j not in complete]
+    wanted = set(range(recipe.k)) if only is None else set(only)
+    todo = [j for j in range(recipe.k) if j % n_shard == i_shard and j not in complete and j in wanted]
     trained = []
     for j in tqdm(todo, desc=f"{victim.name} references", unit="model", disable=not progress or not todo):
         seed = model_seed(recipe.seed, j)
