@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mia.io.cache import cached_array, file_digest
 from mia.devices import resolve_device
+from mia.io.cache import cached_array, file_digest
 
 CACHE_FORMAT = 2  # bump when the logits a cache file holds would change
 #: On the CPU a forward pass takes at most this many images: larger batches fall out of the CPU caches
@@ -160,7 +160,8 @@ def compute_logits(
     with ``labels_only`` just the predicted labels (argmax) -> (V, n) int64 (for many noisy queries).
 
     The model runs in channels_last memory format (faster convolutions on the CPU as well); on CUDA
-    with pinned, non-blocking copies and one forward pass for all views of a batch; on the CPU that
+    the images go to the device once and every batch's views go through one forward pass (no host
+    synchronisation until the end); on the CPU that
     batch is split into forward passes of ``CPU_FORWARD_IMAGES`` images. ``precision`` (see
     resolve_precision): under "bf16" the body runs in bf16 autocast and, with ``fp32_head``, the
     classifier head (classifier_head) in fp32, so the logits are not rounded to bf16's 8-bit mantissa.
@@ -183,15 +184,15 @@ def _forward_views(model: torch.nn.Module, images: np.ndarray, views: tuple[View
     """compute_logits' loop over batches (the model prepared and on ``dev``)."""
     cuda = dev.type == "cuda"
     x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    if cuda:
-        x_all = x_all.pin_memory()
+    if cuda:  # to the device once per call: batches are slices of it, views are made there
+        x_all = x_all.pin_memory().to(dev, non_blocking=True)
     n = x_all.shape[0]
     chunks: list[torch.Tensor] = []
     starts = range(0, n, batch_size)
     bar = tqdm(starts, desc=progress if isinstance(progress, str) else "scoring", unit="batch",
                disable=not progress, leave=False)
     for start in bar:
-        x = x_all[start : start + batch_size].to(dev, non_blocking=True)
+        x = x_all[start : start + batch_size].to(dev)  # a no-op on CUDA
         batch = torch.cat([apply_view(x, v) for v in views])  # (V*B, C, H, W): one forward for all views
         batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
