@@ -47,7 +47,9 @@ class RunConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     batch_size: int = 256  # records per forward pass (each expands to one image per view)
     plots: bool = True  # write results/plots/*.png
-    cache: bool = True  # cache logits, validated records and figures under <bundle>/.cache, keyed by contents
+    cache: bool = True  # cache logits, validated records and figures, keyed by contents (never inside the bundle)
+    cache_dir: str | None = None  # the cache's folder; None: $MIA_CACHE_DIR, else the user's cache folder
+    #   (platformdirs.user_cache_dir("mia"), see mia.io.cache.cache_root). Not written into result.json
     trust_checkpoints: bool = False  # allow checkpoints that are whole pickled models (runs their code)
     keep_going: bool = False  # on a failing victim, finish the others and report the failure
     references: bool = True  # use reference models under <bundle>/references/ when present (LiRA, RMIA)
@@ -80,6 +82,7 @@ class RunConfig:
         d["tasks"] = [asdict(t) for t in self.tasks]
         d["victims"] = list(self.victims) if self.victims is not None else None
         d["label_noise"] = list(self.label_noise)
+        del d["cache_dir"]  # where this machine keeps its cache changes no output (and names a home folder)
         return d
 
     @classmethod

@@ -44,9 +44,10 @@ def _outcome(result, task: int, victim: str):
 def two_runs(tiny_bundle, copy_bundle, tmp_path_factory):
     """The default (strong) run twice on one copy of the tiny bundle, written after each run.
 
-    The first run computes the logits, the second finds them in the cache."""
+    The first run computes the logits, the second finds them in the cache (a folder of its own, so other
+    tests' entries for the same content never make the first run warm)."""
     root = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("pipeline") / "bundle")
-    config = RunConfig(plots=False)
+    config = RunConfig(plots=False, cache_dir=str(tmp_path_factory.mktemp("pipeline-cache")))
     first = run(root, config, progress=False, log=_quiet)
     write_run(first)
     first_files = _outputs(root)
@@ -232,7 +233,7 @@ def test_logits_match_a_fresh_forward_pass(two_runs):
 
 
 def test_seed_method_reproduced_by_hand(two_runs):
-    result = run(two_runs.root, RunConfig(method="seed", plots=False), progress=False, log=_quiet)
+    result = run(two_runs.root, RunConfig(method="seed", plots=False, cache_dir=two_runs.config.cache_dir), progress=False, log=_quiet)
     assert {d.cache_hits for d in result.victims.values()} == {2}
     for name, data in result.victims.items():
         m, ev, te = data.eval.membership, data.eval_logits[0], data.test_logits[0]
@@ -302,18 +303,21 @@ def test_noisy_queries_match_a_fresh_forward_pass(two_runs):
 
 
 def test_noisy_queries_only_for_label_tasks(two_runs):
-    config = RunConfig.with_tasks({1: "posterior"}, plots=False, victims=("vgg16_fashionmnist",))
+    config = RunConfig.with_tasks({1: "posterior"}, plots=False, victims=("vgg16_fashionmnist",),
+                                  cache_dir=two_runs.config.cache_dir)
     result = run(two_runs.root, config, progress=False, log=_quiet)
     data = result.victims["vgg16_fashionmnist"]
     assert data.eval_noise_labels is None and data.noise_levels == []
-    config = RunConfig.with_tasks({3: "label"}, plots=False, victims=("vgg16_fashionmnist",), label_noise=())
+    config = RunConfig.with_tasks({3: "label"}, plots=False, victims=("vgg16_fashionmnist",), label_noise=(),
+                                  cache_dir=two_runs.config.cache_dir)
     result = run(two_runs.root, config, progress=False, log=_quiet)
     (outcome,) = result.outcomes
     assert "noise_correct" not in outcome.eval_features and result.victims["vgg16_fashionmnist"].test_noise_labels is None
 
 
 def test_task_access_can_be_changed(two_runs):
-    config = RunConfig.with_tasks({1: "posterior", 3: "posterior"}, plots=False, victims=("vgg16_fashionmnist",))
+    config = RunConfig.with_tasks({1: "posterior", 3: "posterior"}, plots=False, victims=("vgg16_fashionmnist",),
+                                  cache_dir=two_runs.config.cache_dir)
     result = run(two_runs.root, config, progress=False, log=_quiet)
     assert sorted(result.victims) == ["vgg16_fashionmnist"]
     t1, t3 = _outcome(result, 1, "vgg16_fashionmnist"), _outcome(result, 3, "vgg16_fashionmnist")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mia.config import ACCESS_LEVELS, CHALLENGE_TASKS, RunConfig, TaskConfig
 from mia.cli import references as references_cli
-from mia.cli.options import add_bundle_option, add_trust_option, add_victims_option
+from mia.cli.options import add_bundle_option, add_cache_dir_option, add_trust_option, add_victims_option
 from mia.errors import MIAError
 from mia.paths import REPO_ROOT, default_bundle
 
@@ -59,6 +59,7 @@ def _run_config(args) -> RunConfig:
         batch_size=args.batch_size,
         plots=not args.no_plots,
         cache=not args.no_cache,
+        cache_dir=args.cache_dir,
         trust_checkpoints=args.trust_checkpoints,
         keep_going=args.keep_going,
         references=not args.no_references,
@@ -84,7 +85,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="access level of task K: posterior or label (default 1=posterior 2=posterior 3=label)")
     add_victims_option(p)
     p.add_argument("--no-plots", action="store_true", help="do not write results/plots/*.png")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write <bundle>/.cache (logits, validated records, figures)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the cache (logits, validated records, figures)")
+    add_cache_dir_option(p)
     add_trust_option(p)
     p.add_argument("--keep-going", action="store_true",
                    help="when a victim fails, finish the others and report the failures at the end")
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate an existing submission against the bundle's test files")
     p.add_argument("bundle", type=Path, nargs="?", default=None)
+    add_cache_dir_option(p)
 
     p = sub.add_parser("demo", help="build the Fashion-MNIST demo bundle (cached)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "demo")
@@ -177,7 +180,7 @@ def _run(args, *, write: bool):
               f"{result.bundle.root}")
         if result.victims:
             check_submission(result.bundle.root, tuple(t.task for t in config.tasks), set(result.victims),
-                             cache=config.cache)
+                             cache=config.cache, cache_dir=config.cache_dir)
     print()
     print(report.summary_table(result))
     if any(d.answers is not None for d in result.victims.values()):
@@ -219,7 +222,7 @@ def _cmd_check(args) -> int:
     from mia.submission import check_submission
 
     root = args.bundle if args.bundle is not None else default_bundle(build=False)
-    rep = check_submission(root)
+    rep = check_submission(root, cache_dir=args.cache_dir)
     for line in rep.ok:
         print(f"ok  {line}")
     print(f"submission at {Path(root).resolve()} is valid ({rep.n_predictions} prediction files, {rep.n_scores} "

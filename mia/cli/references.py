@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mia.cli.options import add_bundle_option, add_trust_option, add_victims_option
+from mia.cli.options import add_bundle_option, add_cache_dir_option, add_trust_option, add_victims_option
 from mia.references import ReferenceRecipe, load_reference_set, parse_shard, references_folder, train_references
 from mia.references.train import pct
 
@@ -36,6 +36,7 @@ def add_parser(subparsers) -> object:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=defaults.seed)
     add_trust_option(p)
+    add_cache_dir_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -62,7 +63,7 @@ def run_cli(args) -> int:
         else:
             ref_set = train_references(bundle.root, victim, recipe, population=args.population, shard=shard,
                                        progress=not args.quiet, arch_dirs=bundle.arch_dirs,
-                                       trust=args.trust_checkpoints, log=print)
+                                       trust=args.trust_checkpoints, log=print, cache_dir=args.cache_dir)
         print(f"{victim.name}: {len(ref_set.complete)} of {ref_set.k} reference models complete in {ref_set.folder}"
               f" ({len(ref_set.trained)} trained now)")
         for j in ref_set.complete:
