@@ -72,6 +72,16 @@ def test_check_rejects_a_broken_submission(submitted, tmp_path, capsys):
     assert "task3_vgg16_fashionmnist.npy" in err and "dtype float64" in err
 
 
+def test_check_with_an_unwritable_cache_says_so_once(submitted, tmp_path, capsys):
+    root, proc = submitted
+    assert proc.returncode == 0, proc.stderr
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder would go")  # unwritable, even for root
+    assert main(["check", str(root), "--cache-dir", str(blocker / "cache")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: the cache cannot be written") == 1 and "Traceback" not in err, err
+
+
 @pytest.mark.slow
 def test_run_with_plots(tiny_bundle, tmp_path):
     root = _single_victim_bundle(tiny_bundle, tmp_path / "bundle", "vgg16")

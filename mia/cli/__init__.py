@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from mia.config import ACCESS_LEVELS, CHALLENGE_TASKS, RunConfig, TaskConfig
 from mia.cli import references as references_cli
 from mia.cli.options import add_bundle_option, add_cache_dir_option, add_trust_option, add_victims_option
 from mia.errors import MIAError
+from mia.io.cache import CacheWarning
 from mia.paths import REPO_ROOT, default_bundle
 
 
@@ -230,9 +232,26 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _cache_warnings_on_one_line(show):
+    """``warnings.showwarning`` that prints a CacheWarning as ``warning: ...`` (no source line), others as ``show``."""
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CacheWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():  # restores warnings.showwarning on return
+        if not args.debug:
+            warnings.showwarning = _cache_warnings_on_one_line(warnings.showwarning)
+        return _main(parser, args)
+
+
+def _main(parser: argparse.ArgumentParser, args) -> int:
     try:
         if args.command == "run":
             return _run(args, write=True)
