@@ -1,9 +1,10 @@
 """End to end: ``mia.pipeline.run`` + ``mia.submission.write_run`` on the demo bundle, cold and warm.
 
-The bundle's inputs (models/, datasets/, answers/) are copied into a temporary folder, so the run
-never touches the source bundle's cache or results. Then, ``repeat`` times:
+The bundle's inputs (models/, datasets/, answers/) are copied into a temporary folder, and the runs
+keep their cache in a folder of their own beside it (``--cache-dir``), so they never touch the source
+bundle's results or the user's cache. Then, ``repeat`` times:
 
-* cold: no cache (the copy's ``.cache`` is deleted), so every file is unpickled and every victim scored;
+* cold: no cache (that cache folder is deleted), so every file is unpickled and every victim scored;
 * warm: the same run again, its validated records and logits read from the cache the cold run wrote;
 
 each with plots off, followed by the write step (predictions + result.json). With ``subprocess``
@@ -113,14 +114,16 @@ def copy_inputs(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _clear_outputs(bundle: Path, *, cache: bool) -> None:
-    for sub in ("results", ".cache") if cache else ("results",):
-        shutil.rmtree(bundle / sub, ignore_errors=True)
+def _clear_outputs(bundle: Path, cache_dir: Path | None = None) -> None:
+    """Remove a run's results (and the cache folder ``cache_dir`` when given)."""
+    shutil.rmtree(bundle / "results", ignore_errors=True)
     (bundle / "result.json").unlink(missing_ok=True)
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 def _in_process(bundle: Path, config: RunConfig, *, cold: bool) -> dict:
-    _clear_outputs(bundle, cache=cold)
+    _clear_outputs(bundle, Path(config.cache_dir) if cold else None)
     run_wall, run_cpu, result = timed_cpu(lambda: run_pipeline(bundle, config, progress=False, log=lambda *_: None))
     write_wall, write_cpu, written = timed_cpu(lambda: write_run(result))
     hits = sum(d.cache_hits for d in result.victims.values())
@@ -162,8 +165,9 @@ def _child(args: list[str]) -> dict:
 def run(config: EndToEndConfig | None = None, log=print) -> BenchResult:
     """Cold / warm runs in this process and (optionally) in child processes; see the module docstring."""
     cfg = config or EndToEndConfig()
-    run_config = RunConfig(plots=False, device=cfg.device, **cfg.extra)
     tmp = Path(tempfile.mkdtemp(prefix="mia-bench-e2e-", dir=cfg.workdir))
+    cache = tmp / "cache"
+    run_config = RunConfig(plots=False, device=cfg.device, cache_dir=str(cache), **cfg.extra)
     try:
         src, described = resolve_bundle(cfg, tmp, log)
         bundle = copy_inputs(src, tmp / "bundle")
@@ -175,12 +179,13 @@ def run(config: EndToEndConfig | None = None, log=print) -> BenchResult:
                              **_in_process(bundle, run_config, cold=cold)})
         children = []
         if cfg.subprocess:
-            cli = ["-c", CHILD_SCRIPT, "run", "--bundle", str(bundle), "--no-plots", "--quiet", "--device", cfg.device]
+            cli = ["-c", CHILD_SCRIPT, "run", "--bundle", str(bundle), "--no-plots", "--quiet", "--device", cfg.device,
+                   "--cache-dir", str(cache)]
             cli += [f"--{k.replace('_', '-')}={v}" for k, v in cfg.extra.items()]
             with_plots = [a for a in cli if a != "--no-plots"]
             log("e2e: `python -m mia run` in a child process: imports only, cold, warm; warm with plots twice")
             children.append({"mode": "imports only", **_child(["-c", IMPORTS_SCRIPT])})
-            _clear_outputs(bundle, cache=True)
+            _clear_outputs(bundle, cache)
             children.append({"mode": "cold", **_child(cli)})
             children.append({"mode": "warm", **_child(cli)})
             children.append({"mode": "warm, plots drawn", **_child(with_plots)})  # the figure cache is empty

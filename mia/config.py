@@ -49,7 +49,9 @@ class RunConfig:
     precision: str = "auto"  # scoring arithmetic: "auto" (bf16 autocast with an fp32 classifier head on CUDA,
     #   fp32 elsewhere), "fp32", or "bf16" (also on the CPU, where it emulates a GPU run); see mia.scoring
     plots: bool = True  # write results/plots/*.png
-    cache: bool = True  # cache logits, validated records and figures under <bundle>/.cache, keyed by contents
+    cache: bool = True  # cache logits, validated records and figures, keyed by contents (never inside the bundle)
+    cache_dir: str | None = None  # the cache's folder; None: $MIA_CACHE_DIR, else the user's cache folder
+    #   (platformdirs.user_cache_dir("mia"), see mia.io.cache.cache_root). Not written into result.json
     trust_checkpoints: bool = False  # allow checkpoints that are whole pickled models (runs their code)
     keep_going: bool = False  # on a failing victim, finish the others and report the failure
     references: bool = True  # use reference models under <bundle>/references/ when present (LiRA, RMIA)
@@ -84,6 +86,7 @@ class RunConfig:
         d["tasks"] = [asdict(t) for t in self.tasks]
         d["victims"] = list(self.victims) if self.victims is not None else None
         d["label_noise"] = list(self.label_noise)
+        del d["cache_dir"]  # where this machine keeps its cache changes no output (and names a home folder)
         return d
 
     @classmethod

@@ -17,6 +17,7 @@ import torch
 
 from mia.bundle import Bundle, Victim, discover
 from mia.config import RunConfig
+from mia.io.cache import cache_root
 from mia.io.records import Records, load_records
 from mia.errors import DataError, MIAError
 from mia.models.loading import VictimModelInfo, load_victim_model
@@ -168,7 +169,7 @@ def load_victim(victim: Victim, bundle: Bundle, config: RunConfig
                 ) -> tuple[torch.nn.Module, VictimModelInfo, Records, Records]:
     """The victim's model and its eval and test records, validated (records cached when config.cache)."""
     model, info = load_victim_model(victim.arch, victim.checkpoint, bundle.arch_dirs, trust=config.trust_checkpoints)
-    cache = bundle.root / ".cache" if config.cache else None
+    cache = cache_root(config.cache_dir) if config.cache else None
     eval_recs = load_records(victim.eval_path, with_membership=True, num_classes=info.num_classes, cache_dir=cache)
     test_recs = load_records(victim.test_path, with_membership=False, num_classes=info.num_classes, cache_dir=cache)
     if eval_recs.images.shape[1:] != test_recs.images.shape[1:]:

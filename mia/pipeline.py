@@ -17,6 +17,7 @@ from mia import attacks
 from mia.selection import Selection, select
 from mia.bundle import Bundle, Victim, discover
 from mia.config import RunConfig, TaskConfig
+from mia.io.cache import cache_root
 from mia.io.records import Records
 from mia.errors import DataError, MIAError
 from mia.inspection import load_victim, summarize_victim
@@ -115,7 +116,7 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
     noise_queries, noise_levels = (label_noise_queries(eval_recs.images, config)
                                    if config.label_noise and any(t.access == "label" for t in config.tasks)
                                    else ((), []))
-    cache_dir = bundle.root / ".cache" / "logits" if config.cache else None
+    cache_dir = cache_root(config.cache_dir) if config.cache else None
     key = (info.architecture_file, builder_key(info), precision_tag(config.device, config.precision))
 
     def entry(split: str, recs: Records, queries, suffix: str = "") -> Path | None:
@@ -141,7 +142,8 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
             except RuntimeError as e:  # shape errors from the model itself
                 raise MIAError(f"{victim.name}: the model failed on {split} images of shape "
                                f"{recs.images.shape[1:]}: {e}") from e
-        return cached_logits(entry(split, recs, queries, suffix), queries, compute, ndim=2 if labels_only else 3)
+        return cached_logits(entry(split, recs, queries, suffix), queries, compute, ndim=2 if labels_only else 3,
+                             records=len(recs), classes=None if labels_only else info.num_classes)
 
     hits = 0
     out = {}
@@ -175,7 +177,8 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
                                 data.eval_noise_labels if noisy else None, data.test_noise_labels if noisy else None,
                                 tuple(data.noise_view_names) if noisy else None)
         ref = victim_reference_features(bundle.root, victim, answers, ReferenceOptions(
-            device=config.device, batch_size=config.batch_size, progress=progress))
+            device=config.device, batch_size=config.batch_size, progress=progress, cache=config.cache,
+            cache_dir=config.cache_dir))
         if ref is not None:  # the label-only features come from the victim's predicted labels only
             data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k
     data.seconds = time.perf_counter() - t0

@@ -219,24 +219,34 @@ def cache_key(checkpoint: Path, data: Path, views: tuple[View, ...], architectur
 
 
 def logits_cache_path(cache_dir: Path | None, key_parts: tuple, label: str, views: tuple[View, ...]) -> Path | None:
-    """Where ``cached_logits`` keeps these logits (None without a cache folder). ``key_parts``: the
-    arguments of ``cache_key`` after ``views`` is left out: (checkpoint, data, architecture_file[, builder
-    [, precision]])."""
+    """Where ``cached_logits`` keeps these logits: ``<cache_dir>/logits/<label>-<key>.npz`` (None without a
+    cache root). ``key_parts``: the arguments of ``cache_key`` after ``views`` is left out: (checkpoint,
+    data, architecture_file[, builder[, precision]]). The key is in the name, which the entry states."""
     if cache_dir is None:
         return None
-    return Path(cache_dir) / f"{label}-{cache_key(key_parts[0], key_parts[1], views, *key_parts[2:])}.npy"
+    key = cache_key(key_parts[0], key_parts[1], views, *key_parts[2:])
+    return Path(cache_dir) / "logits" / f"{label}-{key}.npz"
 
 
-def cached_logits(path: Path | None, views: tuple[View, ...], compute, ndim: int = 3) -> tuple[np.ndarray, bool]:
+def cached_logits(path: Path | None, views: tuple[View, ...], compute, ndim: int = 3, *,
+                  records: int | None = None, classes: int | None = None) -> tuple[np.ndarray, bool]:
     """Return (logits, hit) from the entry at ``path`` (see ``logits_cache_path``); ``compute()`` runs only
-    when there is no valid entry. ``ndim``: 3 for logits (V, n, C), 2 for predicted labels (V, n)."""
-    return cached_array(path, compute, lambda a: _valid_scores(a, ndim, len(views)))
+    when there is no valid entry. ``ndim``: 3 for logits (V, n, C), 2 for predicted labels (V, n).
+    ``records`` / ``classes``: n and C the entry must have, when known; an entry of another shape, dtype
+    or with a non-finite value is recomputed."""
+    claims = {"format": CACHE_FORMAT, "views": [v.name for v in views]}
+    return cached_array(path, compute, lambda a: _valid_scores(a, ndim, len(views), records, classes), claims)
 
 
-def _valid_scores(array: np.ndarray, ndim: int, n_views: int) -> bool:
-    """A cache entry holds what compute_logits returns: (V, n, C) finite floats, or (V, n) integer labels."""
+def _valid_scores(array: np.ndarray, ndim: int, n_views: int, records: int | None = None,
+                  classes: int | None = None) -> bool:
+    """A cache entry holds what compute_logits returns: (V, n, C) finite float32, or (V, n) int64 labels."""
     if array.ndim != ndim or array.shape[0] != n_views or 0 in array.shape:
         return False
+    if records is not None and array.shape[1] != records:
+        return False
     if ndim == 2:
-        return np.issubdtype(array.dtype, np.integer)
+        return array.dtype == np.int64
+    if classes is not None and array.shape[2] != classes:
+        return False
     return array.dtype == np.float32 and bool(np.isfinite(array).all())

@@ -15,6 +15,7 @@ import numpy as np
 
 from mia.errors import MIAError, SubmissionError
 from mia.io.atomic import atomic_save_npy, atomic_write_text
+from mia.io.cache import cache_root
 
 SCHEMA_VERSION = 1
 
@@ -130,7 +131,7 @@ def write_run(result, *, plots: bool | None = None) -> dict[str, Path]:
     text = json.dumps(doc, indent=2, sort_keys=False) + "\n"
     written: dict[str, Path] = {}
     if plots if plots is not None else result.config.plots:  # figures first: a plotting error writes nothing else
-        cache = root / ".cache" if result.config.cache else None
+        cache = cache_root(result.config.cache_dir) if result.config.cache else None
         written.update(plotting.save_run_plots(result, results_dir / "plots", cache_dir=cache))
     for o in result.outcomes:
         path = results_dir / o.file_name
@@ -164,14 +165,15 @@ class CheckReport:
 
 
 def check_submission(root: str | Path, tasks: tuple[int, ...] | None = None,
-                     victims: set[str] | None = None, *, cache: bool = True) -> CheckReport:
+                     victims: set[str] | None = None, *, cache: bool = True,
+                     cache_dir: str | Path | None = None) -> CheckReport:
     """Validate ``results/*.npy`` against the bundle's test files.
 
     For every test file ``datasets/test/<dataset>_<arch>.p`` and every task (from result.json's config
     when present, else 1, 2, 3) the file ``results/task{K}_<arch>_<dataset>.npy`` must exist and hold
     a 1-d integer array of 0/1 with one value per test record. ``victims`` (names ``<arch>_<dataset>``)
     limits the check to those. With ``cache``, test files are read through the records cache under
-    ``<root>/.cache`` (the run that wrote the predictions left them there). Raises SubmissionError listing every problem; returns the report when
+    ``cache_root(cache_dir)`` (mia.io.cache: the run that wrote the predictions left them there). Raises SubmissionError listing every problem; returns the report when
     all is well.
     """
     from mia.bundle import test_file_victims
@@ -204,7 +206,7 @@ def check_submission(root: str | Path, tasks: tuple[int, ...] | None = None,
         if victims is not None and name not in victims:
             continue
         try:
-            n = len(load_records(tf, with_membership=False, cache_dir=root / ".cache" if cache else None))
+            n = len(load_records(tf, with_membership=False, cache_dir=cache_root(cache_dir) if cache else None))
         except MIAError as e:
             report.errors.append(str(e))
             continue

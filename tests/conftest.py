@@ -3,17 +3,29 @@
 ``tiny_bundle`` is built once (a few seconds: three width-4 victims, 32 eval and 32 test records
 each, one epoch) and must only be read. A test that writes into a bundle (results, result.json, the
 logits cache, a corrupted file) copies it first with ``copy_bundle``.
+
+The cache (mia.io.cache) lives in a temporary folder for the whole session, set through
+``$MIA_CACHE_DIR`` at import (child processes inherit it): no test reads or writes the user's cache.
 """
 from __future__ import annotations
 
+import atexit
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-#: What a run writes into a bundle; left out when copying so every copy starts clean.
+#: What a run writes into a bundle; left out when copying so every copy starts clean. (".cache": what
+#: older versions wrote there; a bundle's own .cache is never read.)
 RUN_OUTPUTS = (".cache", "results", "result.json")
+
+#: The session's cache root (mia.io.cache.cache_root), removed when the session ends.
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="mia-test-cache-"))
+os.environ["MIA_CACHE_DIR"] = str(SESSION_CACHE)
+atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
 
 
 def _copy_bundle(src: Path, dst: Path) -> Path:

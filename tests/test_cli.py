@@ -5,6 +5,7 @@ A few tests start the real command in a subprocess (the way users run it); the r
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -69,6 +70,16 @@ def test_check_rejects_a_broken_submission(submitted, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: submission check failed")
     assert "task3_vgg16_fashionmnist.npy" in err and "dtype float64" in err
+
+
+def test_check_with_an_unwritable_cache_says_so_once(submitted, tmp_path, capsys):
+    root, proc = submitted
+    assert proc.returncode == 0, proc.stderr
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder would go")  # unwritable, even for root
+    assert main(["check", str(root), "--cache-dir", str(blocker / "cache")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: the cache cannot be written") == 1 and "Traceback" not in err, err
 
 
 @pytest.mark.slow
@@ -154,13 +165,20 @@ def test_demo_builds_then_reuses(tmp_path, capsys):
 
 
 def test_run_one_victim_of_many(tiny_bundle, copy_bundle, tmp_path, capsys):
-    root = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    root, cache = copy_bundle(tiny_bundle, tmp_path / "bundle"), tmp_path / "cache"
     code = main(["run", "--bundle", str(root), "--quiet", "--no-plots", "--method", "seed",
-                 "--victims", "vgg16_fashionmnist"])
+                 "--victims", "vgg16_fashionmnist", "--cache-dir", str(cache)])
     capsys.readouterr()
     assert sorted(p.name for p in (root / "results").glob("*.npy")) == [
         f"task{t}_vgg16_fashionmnist.npy" for t in (1, 2, 3)]
     assert code == 0
+    # the cache went where --cache-dir said, nothing into the bundle; check reads through it too
+    assert not (root / ".cache").exists()
+    assert len(list((cache / "records").glob("*.npz"))) == 2 and len(list((cache / "logits").glob("*.npz"))) == 4
+    assert "cache_dir" not in json.loads((root / "result.json").read_text())["config"]
+    assert check_submission(root, victims={"vgg16_fashionmnist"}, cache_dir=cache).n_predictions == 3
+    assert _config_from_args(build_parser().parse_args(["run", "--cache-dir", str(cache)])).cache_dir == str(cache)
+    assert build_parser().parse_args(["check", "--cache-dir", str(cache)]).cache_dir == str(cache)
 
 
 def test_run_options_default_to_run_config():

@@ -16,7 +16,8 @@ from mia.core import signals as sig
 from mia.models.loading import load_victim_model
 from mia.cli import main
 from mia.config import RunConfig
-from mia.io.records import load_records
+from mia.io.cache import cached_arrays, file_digest
+from mia.io.records import RECORDS_CACHE_FORMAT, load_records
 from mia.errors import MIAError, SubmissionError
 from mia.pipeline import attack_victim, label_noise_queries, run
 from mia.scoring import IDENTITY, compute_logits
@@ -44,9 +45,10 @@ def _outcome(result, task: int, victim: str):
 def two_runs(tiny_bundle, copy_bundle, tmp_path_factory):
     """The default (strong) run twice on one copy of the tiny bundle, written after each run.
 
-    The first run computes the logits, the second finds them in the cache."""
+    The first run computes the logits, the second finds them in the cache (a folder of its own, so other
+    tests' entries for the same content never make the first run warm)."""
     root = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("pipeline") / "bundle")
-    config = RunConfig(plots=False)
+    config = RunConfig(plots=False, cache_dir=str(tmp_path_factory.mktemp("pipeline-cache")))
     first = run(root, config, progress=False, log=_quiet)
     write_run(first)
     first_files = _outputs(root)
@@ -210,6 +212,36 @@ def test_second_run_uses_the_cache(two_runs):
         np.testing.assert_array_equal(data.eval_logits, two_runs.second.victims[name].eval_logits)
 
 
+def test_a_bundles_own_cache_is_never_read(two_runs, copy_bundle, tmp_path):
+    """Issue 16: a bundle shipping ``.cache/records/`` entries (16 records for each 32-record file, zeroed
+    images, described as genuine entries would be) changes nothing: the run scores 32 records of the real
+    images and writes 32 predictions, and check counts 32."""
+    root = copy_bundle(two_runs.root, tmp_path / "bundle")
+    for kind in ("eval", "test"):
+        for path in sorted((root / "datasets" / kind).glob("*.p")):
+            recs = load_records(path, with_membership=kind == "eval")
+            arrays = {"images": np.zeros_like(recs.images[:16]), "labels": recs.labels[:16]}
+            if kind == "eval":
+                arrays["membership"] = np.tile([0, 1], 8).astype(np.int64)
+            claims = {"source_sha256": file_digest(path), "kind": kind, "format": RECORDS_CACHE_FORMAT}
+            for version in (1, RECORDS_CACHE_FORMAT):  # the name the audit used, and today's
+                entry = root / ".cache" / "records" / f"{file_digest(path)[:32]}-{kind}-v{version}.npz"
+                cached_arrays(entry, lambda: arrays, lambda a: True, claims)
+    config = RunConfig(method="seed", plots=False, victims=("vgg16_fashionmnist",), cache_dir=two_runs.config.cache_dir)
+    result = run(root, config, progress=False, log=_quiet)
+    data = result.victims["vgg16_fashionmnist"]
+    assert len(data.eval) == len(data.test) == 32 and np.abs(data.eval.images).sum() > 0
+    np.testing.assert_array_equal(data.eval.images, load_records(data.victim.eval_path, with_membership=True).images)
+    assert {o.used.test_predictions.shape for o in result.outcomes} == {(32,)}
+    write_run(result)
+    report = check_submission(root, victims={"vgg16_fashionmnist"})
+    assert report.n_predictions == 3 and all("32 predictions" in line for line in report.ok if "scores" not in line)
+    short = root / "results" / "task1_vgg16_fashionmnist.npy"
+    np.save(short, np.load(short)[:16])
+    with pytest.raises(SubmissionError, match="16 predictions for 32 test records"):
+        check_submission(root, victims={"vgg16_fashionmnist"})
+
+
 def test_runs_write_identical_bytes(two_runs):
     first, second = two_runs.first_files, two_runs.second_files
     assert sorted(first) == sorted(second) and len(first) == 19  # result.json + 9 predictions + 9 scores
@@ -232,7 +264,7 @@ def test_logits_match_a_fresh_forward_pass(two_runs):
 
 
 def test_seed_method_reproduced_by_hand(two_runs):
-    result = run(two_runs.root, RunConfig(method="seed", plots=False), progress=False, log=_quiet)
+    result = run(two_runs.root, RunConfig(method="seed", plots=False, cache_dir=two_runs.config.cache_dir), progress=False, log=_quiet)
     assert {d.cache_hits for d in result.victims.values()} == {2}
     for name, data in result.victims.items():
         m, ev, te = data.eval.membership, data.eval_logits[0], data.test_logits[0]
@@ -302,18 +334,21 @@ def test_noisy_queries_match_a_fresh_forward_pass(two_runs):
 
 
 def test_noisy_queries_only_for_label_tasks(two_runs):
-    config = RunConfig.with_tasks({1: "posterior"}, plots=False, victims=("vgg16_fashionmnist",))
+    config = RunConfig.with_tasks({1: "posterior"}, plots=False, victims=("vgg16_fashionmnist",),
+                                  cache_dir=two_runs.config.cache_dir)
     result = run(two_runs.root, config, progress=False, log=_quiet)
     data = result.victims["vgg16_fashionmnist"]
     assert data.eval_noise_labels is None and data.noise_levels == []
-    config = RunConfig.with_tasks({3: "label"}, plots=False, victims=("vgg16_fashionmnist",), label_noise=())
+    config = RunConfig.with_tasks({3: "label"}, plots=False, victims=("vgg16_fashionmnist",), label_noise=(),
+                                  cache_dir=two_runs.config.cache_dir)
     result = run(two_runs.root, config, progress=False, log=_quiet)
     (outcome,) = result.outcomes
     assert "noise_correct" not in outcome.eval_features and result.victims["vgg16_fashionmnist"].test_noise_labels is None
 
 
 def test_task_access_can_be_changed(two_runs):
-    config = RunConfig.with_tasks({1: "posterior", 3: "posterior"}, plots=False, victims=("vgg16_fashionmnist",))
+    config = RunConfig.with_tasks({1: "posterior", 3: "posterior"}, plots=False, victims=("vgg16_fashionmnist",),
+                                  cache_dir=two_runs.config.cache_dir)
     result = run(two_runs.root, config, progress=False, log=_quiet)
     assert sorted(result.victims) == ["vgg16_fashionmnist"]
     t1, t3 = _outcome(result, 1, "vgg16_fashionmnist"), _outcome(result, 3, "vgg16_fashionmnist")

@@ -280,9 +280,10 @@ def test_run_uses_references_for_every_task(tiny_bundle, copy_bundle, tmp_path):
     root = copy_bundle(tiny_bundle, tmp_path / "bundle")
     victim = discover(root, victims=["vgg16_fashionmnist"]).victims[0]
     train_references(root, victim, ReferenceRecipe(k=2, epochs=1, batch_size=16, device="cpu"), progress=False)
-    config = RunConfig(plots=False, victims=("vgg16_fashionmnist",))  # 10 views; references see image + flip
+    config = RunConfig(plots=False, victims=("vgg16_fashionmnist",),  # 10 views; references see image + flip
+                       cache_dir=str(tmp_path / "cache"))
     result = run(root, config, progress=False, log=lambda *a: None)
-    cached = [np.load(p) for p in sorted((root / "references" / "vgg16_fashionmnist" / "logits").glob("*.npy"))]
+    cached = [np.load(p)["array"] for p in sorted((tmp_path / "cache" / "logits").glob("reference-vgg16_fashionmnist-*.npz"))]
     queries = 2 * config.label_noise_draws * len(config.label_noise)
     assert sorted(a.shape[:2] for a in cached) == [(2, 64)] * 2 + [(queries, 64)] * 2  # views; noisy queries
     names = {o.task.access: {c.name for c in o.used.candidates} for o in result.outcomes}

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from mia.config import ACCESS_LEVELS, CHALLENGE_TASKS, RunConfig, TaskConfig
 from mia.cli import references as references_cli
-from mia.cli.options import add_bundle_option, add_trust_option, add_victims_option
+from mia.cli.options import add_bundle_option, add_cache_dir_option, add_trust_option, add_victims_option
 from mia.errors import MIAError
+from mia.io.cache import CacheWarning
 from mia.paths import REPO_ROOT, default_bundle
 
 
@@ -60,6 +62,7 @@ def _run_config(args) -> RunConfig:
         batch_size=args.batch_size,
         plots=not args.no_plots,
         cache=not args.no_cache,
+        cache_dir=args.cache_dir,
         trust_checkpoints=args.trust_checkpoints,
         keep_going=args.keep_going,
         references=not args.no_references,
@@ -88,7 +91,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="access level of task K: posterior or label (default 1=posterior 2=posterior 3=label)")
     add_victims_option(p)
     p.add_argument("--no-plots", action="store_true", help="do not write results/plots/*.png")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write <bundle>/.cache (logits, validated records, figures)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the cache (logits, validated records, figures)")
+    add_cache_dir_option(p)
     add_trust_option(p)
     p.add_argument("--keep-going", action="store_true",
                    help="when a victim fails, finish the others and report the failures at the end")
@@ -124,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate an existing submission against the bundle's test files")
     p.add_argument("bundle", type=Path, nargs="?", default=None)
+    add_cache_dir_option(p)
 
     p = sub.add_parser("demo", help="build the Fashion-MNIST demo bundle (cached)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "demo")
@@ -181,7 +186,7 @@ def _run(args, *, write: bool):
               f"{result.bundle.root}")
         if result.victims:
             check_submission(result.bundle.root, tuple(t.task for t in config.tasks), set(result.victims),
-                             cache=config.cache)
+                             cache=config.cache, cache_dir=config.cache_dir)
     print()
     print(report.summary_table(result))
     if any(d.answers is not None for d in result.victims.values()):
@@ -223,7 +228,7 @@ def _cmd_check(args) -> int:
     from mia.submission import check_submission
 
     root = args.bundle if args.bundle is not None else default_bundle(build=False)
-    rep = check_submission(root)
+    rep = check_submission(root, cache_dir=args.cache_dir)
     for line in rep.ok:
         print(f"ok  {line}")
     print(f"submission at {Path(root).resolve()} is valid ({rep.n_predictions} prediction files, {rep.n_scores} "
@@ -231,9 +236,26 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _cache_warnings_on_one_line(show):
+    """``warnings.showwarning`` that prints a CacheWarning as ``warning: ...`` (no source line), others as ``show``."""
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CacheWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():  # restores warnings.showwarning on return
+        if not args.debug:
+            warnings.showwarning = _cache_warnings_on_one_line(warnings.showwarning)
+        return _main(parser, args)
+
+
+def _main(parser: argparse.ArgumentParser, args) -> int:
     try:
         if args.command == "run":
             return _run(args, write=True)

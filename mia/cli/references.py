@@ -4,14 +4,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mia.cli.options import add_bundle_option, add_trust_option, add_victims_option
-from mia.references import (
-    ReferenceRecipe,
-    load_reference_set,
-    parse_shard,
-    references_folder,
-    train_references,
-)
+from mia.cli.options import add_bundle_option, add_cache_dir_option, add_trust_option, add_victims_option
+from mia.references import ReferenceRecipe, load_reference_set, parse_shard, references_folder, train_references
 from mia.references.launch import SlurmOptions
 from mia.references.train import pct
 
@@ -55,6 +49,7 @@ def add_parser(subparsers) -> object:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=defaults.seed)
     add_trust_option(p)
+    add_cache_dir_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -83,7 +78,7 @@ def run_cli(args) -> int:
         else:
             ref_set = train_references(bundle.root, victim, recipe, population=args.population, shard=shard,
                                        progress=not args.quiet, arch_dirs=bundle.arch_dirs,
-                                       trust=args.trust_checkpoints, log=print)
+                                       trust=args.trust_checkpoints, log=print, cache_dir=args.cache_dir)
         _report(victim, ref_set)
     print(f"total {time.perf_counter() - t0:.1f}s")
     return 0
@@ -104,7 +99,8 @@ def _fan_out(args, bundle, recipe: ReferenceRecipe, t0: float) -> int:
         raise MIAError("--devices (workers on this node) and --launcher (a job array) exclude each other")
     if args.merge_only or args.shard != "0/1":
         raise MIAError("--devices / --launcher replace --shard and cannot be combined with --merge-only")
-    jobs = plan_jobs(bundle, recipe, population=args.population, trust=args.trust_checkpoints)
+    jobs = plan_jobs(bundle, recipe, population=args.population, trust=args.trust_checkpoints,
+                     cache_dir=args.cache_dir)
     print(f"{len(jobs)} reference models to train for {len(bundle.victims)} victims")
     if args.devices is not None:
         results, failures = run_local(jobs, parse_devices(args.devices))
@@ -114,7 +110,7 @@ def _fan_out(args, bundle, recipe: ReferenceRecipe, t0: float) -> int:
         cluster = "slurm" if args.launcher == "slurm" else "local"
         results, failures = run_submitit(jobs, bundle.root / "references" / ".submitit", cluster=cluster, options=options)
     for victim, ref_set in zip(bundle.victims, merge(bundle, recipe, population=args.population,
-                                                     trust=args.trust_checkpoints)):
+                                                     trust=args.trust_checkpoints, cache_dir=args.cache_dir)):
         _report(victim, ref_set, trained=sum(r["trained"] for r in results if r["victim"] == victim.name))
     print(f"total {time.perf_counter() - t0:.1f}s")
     if failures:

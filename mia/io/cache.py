@@ -1,29 +1,61 @@
-"""Content-keyed files under ``<bundle>/.cache/``: what a warm re-run reads instead of recomputing.
+"""Content-keyed cache entries under the user's cache folder: what a warm re-run reads instead of recomputing.
 
-Every entry is named by the sha256 of the files it was derived from, so an edited input simply
-misses the cache; entries are written atomically (temp file + rename) and read with
-``allow_pickle=False``, so a damaged or planted entry can at worst be ignored, never run code.
-A cache that cannot be written (read-only bundle) is skipped silently.
+The cache lives outside every bundle (``cache_root``: ``$MIA_CACHE_DIR``, else the user's cache folder
+as platformdirs gives it), so a bundle that ships its own ``.cache/`` cannot change results: that folder
+is never read. Every entry is named by the sha256 of what it was derived from, so an edited input
+simply misses, and bundles sharing the root never collide. Each entry also records what it claims to
+be (its name, the caller's ``claims`` such as the source file's sha256, every array's dtype and shape)
+and is used only when that matches what the caller expects and the caller's ``valid`` accepts the
+arrays. Entries are written atomically (temp file + rename) and read with ``allow_pickle=False``: a
+damaged, stale or planted entry is at worst rebuilt, never run. A cache that cannot be written is
+skipped, with one warning per folder.
 
+* ``cache_root``: where the cache lives.
 * ``file_digest``: sha256 of a file, remembered for the process while the file's size, mtime and
   inode stay the same (one run hashes each input once, not once per use).
-* ``cached_arrays``: named arrays as ``.npz``, validated by the caller before use (mia.io.records keeps
-  validated records under ``records/``, so the slow safe unpickling happens once per file content).
+* ``cached_arrays`` / ``cached_array``: named arrays / one array as ``.npz`` (mia.io.records keeps
+  validated records under ``records/``, mia.scoring logits under ``logits/``).
+* ``cached_file``: a file such as a figure (mia.plots under ``plots/``).
 """
 from __future__ import annotations
 
 import hashlib
-import zipfile
+import json
+import logging
+import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from mia.io.atomic import atomic_save_npy, atomic_save_npz, atomic_write_bytes
+from mia.io.atomic import atomic_save_npz, atomic_write_bytes
 
-__all__ = ["cached_array", "cached_arrays", "cached_file", "file_digest"]
+__all__ = ["CACHE_DIR_ENV", "CacheWarning", "cache_root", "cached_array", "cached_arrays", "cached_file",
+           "file_digest"]
 
+CACHE_DIR_ENV = "MIA_CACHE_DIR"
+_META = "__entry__"  # the array of an entry's .npz that holds what the entry claims (a JSON string)
 _DIGESTS: dict[tuple, str] = {}
+_UNWRITABLE_WARNED: set[str] = set()  # folders a warning was already given for
+_log = logging.getLogger(__name__)
+
+
+class CacheWarning(RuntimeWarning):
+    """The cache could not be written: the run goes on without it."""
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The folder every cache entry lives under: ``cache_dir`` when given, else ``$MIA_CACHE_DIR`` when
+    set, else the user's cache folder (``platformdirs.user_cache_dir("mia")``, e.g. ``~/.cache/mia`` on
+    Linux). Never a folder inside a bundle unless asked for explicitly."""
+    if cache_dir is None:
+        cache_dir = os.environ.get(CACHE_DIR_ENV) or None
+    if cache_dir is None:
+        import platformdirs
+
+        return Path(platformdirs.user_cache_dir("mia", appauthor=False))
+    return Path(cache_dir).expanduser()
 
 
 def file_digest(path: str | Path) -> str:
@@ -41,55 +73,92 @@ def file_digest(path: str | Path) -> str:
     return digest
 
 
-def cached_arrays(entry: Path | None, build: Callable[[], dict[str, np.ndarray]],
-                  valid: Callable[[dict[str, np.ndarray]], bool]) -> tuple[dict[str, np.ndarray], bool]:
-    """Named arrays from the ``.npz`` file ``entry`` when it exists and ``valid`` accepts its arrays,
-    else ``build()``'s, stored there atomically. Returns (arrays, hit).
+def _describe_entry(name: str, claims: dict, arrays: dict[str, np.ndarray]) -> dict:
+    """What an entry claims: its file name, the caller's claims and each array's dtype and shape (JSON-ready)."""
+    return json.loads(json.dumps({
+        "name": name,
+        "claims": claims,
+        "arrays": {k: [a.dtype.str, list(a.shape)] for k, a in sorted(arrays.items())},
+    }))
 
-    The cache knows nothing of what the arrays mean: ``valid`` (the caller's) decides whether an entry
-    can be used, so a damaged or planted entry is rebuilt. ``entry=None`` disables the cache; an entry
-    that cannot be written (read-only folder) is skipped."""
+
+def _read_entry(entry: Path, claims: dict) -> dict[str, np.ndarray] | None:
+    """The arrays of ``entry`` when it states the expected name and claims and its arrays are what it
+    states (dtypes, shapes), else None (said at debug level). Any damage is a miss, never an error."""
+    try:
+        with np.load(entry, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = arrays.pop(_META, None)
+        if meta is None or meta.dtype.kind != "U" or meta.ndim != 0:
+            _log.debug("cache entry %s ignored: no description", entry)
+            return None
+        if json.loads(str(meta)) != _describe_entry(entry.name, claims, arrays):
+            _log.debug("cache entry %s ignored: not what it claims or not what is expected", entry)
+            return None
+        return arrays
+    except Exception as e:  # noqa: BLE001 - a damaged entry (truncated zip, bad header, ...) is a miss
+        _log.debug("cache entry %s ignored: unreadable (%s)", entry, e)
+        return None
+
+
+def _warn_unwritable(entry: Path, error: OSError) -> None:
+    """One CacheWarning per folder that blocks writing (the nearest existing folder above ``entry``)."""
+    folder = entry.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if str(folder) in _UNWRITABLE_WARNED:
+        return
+    _UNWRITABLE_WARNED.add(str(folder))
+    warnings.warn(f"the cache cannot be written under {folder} ({error.strerror or error}); going on without "
+                  f"it (set {CACHE_DIR_ENV} or --cache-dir to a writable folder, or use --no-cache)",
+                  CacheWarning, stacklevel=3)
+
+
+def cached_arrays(entry: Path | None, build: Callable[[], dict[str, np.ndarray]],
+                  valid: Callable[[dict[str, np.ndarray]], bool],
+                  claims: dict | None = None) -> tuple[dict[str, np.ndarray], bool]:
+    """Named arrays from the ``.npz`` file ``entry`` when it is a valid entry, else ``build()``'s, stored
+    there atomically. Returns (arrays, hit).
+
+    ``claims``: what the arrays are derived from (the source file's sha256, a format version, ...),
+    JSON-ready; stored in the entry with its name and every array's dtype and shape. An entry is used
+    only when all of that matches and ``valid`` (the caller's check of the content) accepts its arrays;
+    otherwise it is rebuilt. ``entry=None`` disables the cache; an entry that cannot be written
+    (read-only folder) is skipped with one CacheWarning per folder."""
+    claims = claims or {}
     if entry is not None and entry.is_file():
-        try:
-            with np.load(entry, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            if valid(arrays):
+        arrays = _read_entry(entry, claims)
+        if arrays is not None:
+            try:
+                ok = bool(valid(arrays))
+            except Exception:  # noqa: BLE001 - content the check cannot even read is a miss
+                ok = False
+            if ok:
                 return arrays, True
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass  # damaged entry: rebuilt below
+            _log.debug("cache entry %s ignored: its content is rejected", entry)
     arrays = build()
     if entry is not None:
+        meta = np.array(json.dumps(_describe_entry(entry.name, claims, arrays)))
         try:
-            atomic_save_npz(entry, **arrays)
-        except OSError:
-            pass  # read-only bundle: no cache, same arrays
+            atomic_save_npz(entry, **arrays, **{_META: meta})
+        except OSError as e:
+            _warn_unwritable(entry, e)
     return arrays, False
 
 
-def cached_array(entry: Path | None, build: Callable[[], np.ndarray],
-                 valid: Callable[[np.ndarray], bool]) -> tuple[np.ndarray, bool]:
-    """One array as ``.npy`` under the same contract as ``cached_arrays``: used when ``valid`` accepts it,
-    else built, stored atomically (skipped where the folder is read-only) and returned. (array, hit)."""
-    if entry is not None and entry.is_file():
-        try:
-            array = np.load(entry, allow_pickle=False)
-            if isinstance(array, np.ndarray) and valid(array):
-                return array, True
-        except (OSError, ValueError, EOFError):
-            pass  # damaged entry: rebuilt below
-    array = build()
-    if entry is not None:
-        try:
-            atomic_save_npy(entry, array)
-        except OSError:
-            pass  # read-only bundle: no cache, same array
-    return array, False
+def cached_array(entry: Path | None, build: Callable[[], np.ndarray], valid: Callable[[np.ndarray], bool],
+                 claims: dict | None = None) -> tuple[np.ndarray, bool]:
+    """One array under the same contract as ``cached_arrays`` (an ``.npz`` entry holding ``array``)."""
+    arrays, hit = cached_arrays(entry, lambda: {"array": build()}, lambda a: a.keys() == {"array"} and valid(a["array"]),
+                                claims)
+    return arrays["array"], hit
 
 
 def cached_file(entry: Path | None, target: Path, write: Callable[[Path], None]) -> bool:
     """Make ``target`` (a file such as a figure) from the cache entry when there is one, else ``write(target)``
     and keep a copy as the entry. Returns whether the entry was used. Entries are named by the caller
-    from the content that determines them; an unreadable entry is rewritten, a read-only cache skipped."""
+    from the content that determines them; an unreadable entry is rewritten, a read-only cache skipped
+    (one CacheWarning per folder)."""
     if entry is not None and entry.is_file():
         try:
             atomic_write_bytes(target, entry.read_bytes())
@@ -100,6 +169,6 @@ def cached_file(entry: Path | None, target: Path, write: Callable[[Path], None])
     if entry is not None:
         try:
             atomic_write_bytes(entry, target.read_bytes())
-        except OSError:
-            pass  # read-only bundle: no cache
+        except OSError as e:
+            _warn_unwritable(entry, e)
     return False

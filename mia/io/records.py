@@ -69,7 +69,7 @@ _TORCH_INT_DTYPES = frozenset(
     {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64}
 )
 _INT64_MAX = int(np.iinfo(np.int64).max)
-RECORDS_CACHE_FORMAT = 1  # bump when the arrays a records cache entry holds would change
+RECORDS_CACHE_FORMAT = 2  # bump when the arrays a records cache entry holds would change
 _FINITE_CHUNK = 4096  # records per np.isfinite pass (bounds the temporary bool array)
 
 
@@ -262,14 +262,19 @@ def load_records(path: str | Path, *, with_membership: bool, num_classes: int | 
     Returns Records with images (n, C, H, W) float32, labels (n,) int64 and membership (n,) int64
     or None. Raises DataError (UnsafePickleError for a refused global) naming the file and record.
 
-    cache_dir: when given, the validated arrays are kept there as ``.npz`` keyed by the file's
-    sha256 (mia.io.cache.cached_arrays), and later calls on the same content read them instead of
-    unpickling again; labels are checked against ``num_classes`` either way.
+    cache_dir: the cache root (mia.io.cache.cache_root), or None for no cache. When given, the validated
+    arrays are kept under ``<cache_dir>/records/`` as ``.npz`` keyed by the file's sha256
+    (mia.io.cache.cached_arrays), and later calls on the same content read them instead of unpickling
+    again. An entry is used only when it states this file's sha256, the file's kind (eval or test) and
+    the format, and its arrays pass the checks the records themselves pass (dtypes, shapes, one label
+    and membership per image); labels are checked against ``num_classes`` either way.
     """
     if cache_dir is None:
         return _load_validated(path, with_membership, num_classes)
     kind = "eval" if with_membership else "test"
-    entry = Path(cache_dir) / "records" / f"{file_digest(path)[:32]}-{kind}-v{RECORDS_CACHE_FORMAT}.npz"
+    digest = file_digest(path)
+    entry = Path(cache_dir) / "records" / f"{digest[:32]}-{kind}-v{RECORDS_CACHE_FORMAT}.npz"
+    claims = {"source_sha256": digest, "kind": kind, "format": RECORDS_CACHE_FORMAT}
 
     def build() -> dict[str, np.ndarray]:
         recs = _load_validated(path, with_membership, None)
@@ -278,7 +283,7 @@ def load_records(path: str | Path, *, with_membership: bool, num_classes: int | 
             arrays["membership"] = recs.membership
         return arrays
 
-    arrays, _ = cached_arrays(entry, build, lambda a: _valid_record_arrays(a, with_membership))
+    arrays, _ = cached_arrays(entry, build, lambda a: _valid_record_arrays(a, with_membership), claims)
     recs = Records(images=arrays["images"], labels=arrays["labels"], membership=arrays.get("membership"),
                    path=Path(path))
     if num_classes is not None:
@@ -288,9 +293,10 @@ def load_records(path: str | Path, *, with_membership: bool, num_classes: int | 
 
 def _valid_record_arrays(arrays: dict[str, np.ndarray], with_membership: bool) -> bool:
     """Whether a cache entry holds what _validate_records returns (shapes, dtypes, finite, 0/1 membership)."""
-    images, labels = arrays.get("images"), arrays.get("labels")
-    if images is None or labels is None or (with_membership and "membership" not in arrays):
+    expected = {"images", "labels", "membership"} if with_membership else {"images", "labels"}
+    if arrays.keys() != expected:
         return False
+    images, labels = arrays["images"], arrays["labels"]
     n = len(labels)
     ok = (images.dtype == np.float32 and images.ndim == 4 and len(images) == n and n > 0
           and labels.dtype == np.int64 and labels.ndim == 1 and labels.min() >= 0 and bool(np.isfinite(images).all()))

@@ -23,7 +23,8 @@ Layout, under ``<bundle>/references/<victim.name>/``::
     masks.npy            (k, N_pool) bool
     model_{j:03d}.pth    {'net', 'acc', 'epoch'} (mia.io.checkpoints.save_checkpoint; 'acc' = OUT accuracy %)
     model_{j:03d}.json   accuracy on its IN and OUT records, seconds, device, fingerprint
-    logits/              cached reference logits (.npy), keyed by content
+
+Their logits on the pool are cached outside the bundle (mia.io.cache, ``<cache root>/logits/``).
 
 A model is complete when its ``.pth`` and its ``.json`` (written second, both atomically) exist and
 the ``.json`` carries the folder's fingerprint. The folder, not the manifest, is the truth: every

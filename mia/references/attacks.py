@@ -46,7 +46,8 @@ def _split(values: dict[str, np.ndarray], n_eval: int) -> dict[str, dict[str, np
 
 def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view_names: list[str], *, min_models: int,
                      references_root, device: str, batch_size: int, progress: bool,
-                     noise_view_names: list[str] | None = None):
+                     noise_view_names: list[str] | None = None, cache: bool = True,
+                     cache_dir: str | Path | None = None):
     """(reference logits (K, V, n, C) on the victim's eval + test records, in_mask (K, n)), or None
     when the victim has no usable reference set. Reads (or computes) each model's logits once.
     With ``noise_view_names`` also returns (third) the references' predicted labels (K, Q, n) under
@@ -56,11 +57,11 @@ def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view
         return None
     n = n_eval + n_test
     ref_logits = reference_logits(ref_set, views_from_names(view_names), device=device, batch_size=batch_size,
-                                  progress=progress)[:, :, :n]
+                                  progress=progress, cache=cache, cache_dir=cache_dir)[:, :, :n]
     if noise_view_names is None:
         return ref_logits, ref_set.complete_masks()[:, :n]
     ref_noisy = reference_logits(ref_set, views_from_names(noise_view_names), device=device, batch_size=batch_size,
-                                 progress=progress, labels_only=True)[:, :, :n]
+                                 progress=progress, labels_only=True, cache=cache, cache_dir=cache_dir)[:, :, :n]
     return ref_logits, ref_set.complete_masks()[:, :n], ref_noisy
 
 
@@ -124,6 +125,8 @@ class ReferenceOptions:
     """How the reference models are used."""
 
     device: str = "auto"  # where the references compute their logits (cached)
+    cache: bool = True  # keep the references' logits and the pool's records in the cache (mia.io.cache)
+    cache_dir: str | Path | None = None  # the cache's folder; None: mia.io.cache.cache_root's default
     min_models: int = 2  # fewer complete reference models: no reference features
     rmia_a: float = 0.3  # RMIA's offline interpolation parameter
     global_variance: bool | None = None  # LiRA: one variance for all records (None: when K is small)
@@ -162,7 +165,8 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
                              f"{[np.shape(a) for a in noise_predicted]}")
     loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=o.min_models,
                               references_root=o.references_root, device=o.device, batch_size=o.batch_size,
-                              progress=o.progress, noise_view_names=noise_view_names)
+                              progress=o.progress, noise_view_names=noise_view_names, cache=o.cache,
+                              cache_dir=o.cache_dir)
     if loaded is None:
         return None
     ref_logits, masks = loaded[:2]

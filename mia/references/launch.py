@@ -38,6 +38,7 @@ class ReferenceJob:
     recipe: ReferenceRecipe  # its device is the default; a local worker replaces it with its own
     population: str | None = None
     trust: bool = False
+    cache_dir: str | None = None  # the cache root (mia.io.cache.cache_root); None: the default
 
     def run(self, device: str | None = None) -> dict:
         """Train the model (on ``device``, else the recipe's); returns what happened, for the log."""
@@ -47,7 +48,8 @@ class ReferenceJob:
         recipe = self.recipe if device is None else dataclasses.replace(self.recipe, device=device)
         bundle = discover(self.bundle_root, victims=[self.victim])
         ref_set = train_references(bundle.root, bundle.victims[0], recipe, population=self.population,
-                                   only=(self.index,), progress=False, arch_dirs=bundle.arch_dirs, trust=self.trust)
+                                   only=(self.index,), progress=False, arch_dirs=bundle.arch_dirs, trust=self.trust,
+                                   cache_dir=self.cache_dir)
         meta = ref_set.models.get(self.index, {})
         return {"victim": self.victim, "index": self.index, "trained": self.index in ref_set.trained,
                 "device": meta.get("device", recipe.device), "seconds": meta.get("seconds"),
@@ -71,25 +73,27 @@ def parse_devices(text: str) -> list[str]:
 
 
 def plan_jobs(bundle, recipe: ReferenceRecipe, *, population: str | Path | None = None,
-              trust: bool = False) -> list[ReferenceJob]:
+              trust: bool = False, cache_dir: str | Path | None = None) -> list[ReferenceJob]:
     """The jobs left to do: for every victim of ``bundle`` (a mia.bundle.Bundle), the models its folder
     does not hold yet. Checks each folder against the recipe first (merge), so a mismatch fails here,
     before anything is launched."""
     jobs = []
-    for victim, ref_set in zip(bundle.victims, merge(bundle, recipe, population=population, trust=trust)):
+    for victim, ref_set in zip(bundle.victims, merge(bundle, recipe, population=population, trust=trust,
+                                                     cache_dir=cache_dir)):
         jobs += [ReferenceJob(str(bundle.root), victim.name, j, recipe,
-                              None if population is None else str(population), trust)
+                              None if population is None else str(population), trust,
+                              None if cache_dir is None else str(cache_dir))
                  for j in range(recipe.k) if j not in ref_set.complete]
     return jobs
 
 
 def merge(bundle, recipe: ReferenceRecipe, *, population: str | Path | None = None,
-          trust: bool = False) -> list[ReferenceSet]:
+          trust: bool = False, cache_dir: str | Path | None = None) -> list[ReferenceSet]:
     """Every victim's reference set as the disk holds it, with its manifest rebuilt (trains nothing)."""
     from mia.references.train import train_references
 
     return [train_references(bundle.root, victim, recipe, population=population, only=(), progress=False,
-                             arch_dirs=bundle.arch_dirs, trust=trust) for victim in bundle.victims]
+                             arch_dirs=bundle.arch_dirs, trust=trust, cache_dir=cache_dir) for victim in bundle.victims]
 
 
 # --------------------------------------------------------------------------- one node, several devices

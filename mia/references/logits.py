@@ -8,7 +8,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mia.errors import MIAError
-from mia.io.cache import cached_array, file_digest
+from mia.io.cache import cache_root, cached_array, file_digest
 from mia.references.pool import Pool
 from mia.references.store import ReferenceSet
 from mia.scoring import IDENTITY, View, compute_logits, precision_tag
@@ -49,44 +49,52 @@ def views_from_names(names: list[str] | tuple[str, ...]) -> tuple[View, ...]:
     return tuple(views)
 
 
-def _logits_cache_path(ref_set: ReferenceSet, j: int, views: tuple[View, ...], labels_only: bool = False,
-                       device: str = "auto") -> Path:
+def _logits_cache_path(cache_dir: Path, ref_set: ReferenceSet, j: int, views: tuple[View, ...],
+                       labels_only: bool = False, device: str = "auto") -> Path:
+    """``<cache_dir>/logits/reference-<victim>-model_<j>-<key>.npz``: the key hashes the model file, the pool's
+    fingerprint, the views, the architecture file, ``labels_only`` and the precision."""
     h = hashlib.sha256(f"format={LOGITS_FORMAT};views={[v.name for v in views]};"
                        f"pool={ref_set.fingerprint}{';labels' if labels_only else ''};"
                        f"{precision_tag(device)}".encode())
     h.update(file_digest(ref_set.model_path(j)).encode())
     arch_file = ref_set.manifest.get("architecture_file", {}).get("sha256", "-")
     h.update(str(arch_file).encode())
-    return ref_set.folder / "logits" / f"model_{j:03d}-{h.hexdigest()[:24]}.npy"
+    return cache_dir / "logits" / f"reference-{ref_set.manifest['victim']}-model_{j:03d}-{h.hexdigest()[:24]}.npz"
 
 
 def reference_logits(ref_set: ReferenceSet, views: tuple[View, ...] = (IDENTITY,), device: str = "auto",
                      batch_size: int = 256, *, progress: bool = False, cache: bool = True,
-                     pool: Pool | None = None, labels_only: bool = False) -> np.ndarray:
+                     cache_dir: str | Path | None = None, pool: Pool | None = None,
+                     labels_only: bool = False) -> np.ndarray:
     """Logits of every complete reference model on the whole pool -> (K, V, N_pool, C) float32; with
     ``labels_only`` their predicted labels -> (K, V, N_pool) int64 (for the many noisy queries).
 
     K = len(ref_set.complete), in that order (``ref_set.complete_masks()`` are the matching masks);
-    V = len(views). Each model's array is cached under ``<folder>/logits/``, keyed by the model file,
-    the pool, the views, the architecture file and ``labels_only``.
+    V = len(views). With ``cache``, each model's array is kept under ``<cache root>/logits/`` (mia.io.cache:
+    ``cache_dir``, else the default root), keyed by the model file, the pool, the views, the architecture
+    file and ``labels_only``; an entry of another shape or dtype, or with a non-finite logit, is recomputed.
     """
     views = tuple(views)
+    root = cache_root(cache_dir) if cache else None
     out = []
     for j in tqdm(ref_set.complete, desc=f"{ref_set.manifest['victim']} reference logits", unit="model",
                   disable=not progress, leave=False):
-        path = _logits_cache_path(ref_set, j, views, labels_only, device) if cache else None
+        path = _logits_cache_path(root, ref_set, j, views, labels_only, device) if root is not None else None
 
         def compute(j: int = j) -> np.ndarray:
             nonlocal pool
             if pool is None:
-                pool = ref_set.load_pool()
+                pool = ref_set.load_pool(cache_dir=root)
             return compute_logits(ref_set.load_model(j), pool.images, views, device=device, batch_size=batch_size,
                                   labels_only=labels_only)
 
         def valid(a: np.ndarray) -> bool:
-            return a.shape[:2] == (len(views), ref_set.n_pool) and a.ndim == (2 if labels_only else 3)
+            if labels_only:
+                return a.shape == (len(views), ref_set.n_pool) and a.dtype == np.int64
+            return (a.ndim == 3 and a.shape[:2] == (len(views), ref_set.n_pool) and a.dtype == np.float32
+                    and bool(np.isfinite(a).all()))
 
-        arr, _ = cached_array(path, compute, valid)
+        arr, _ = cached_array(path, compute, valid, {"format": LOGITS_FORMAT, "views": [v.name for v in views]})
         out.append(arr.astype(np.int64 if labels_only else np.float32, copy=False))
     if not out:
         raise MIAError(f"{ref_set.folder}: no complete reference model")

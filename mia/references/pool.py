@@ -71,17 +71,17 @@ def relative_path(path: Path, root: Path | None) -> str:
 
 
 def load_pool(victim: Victim, population: str | Path | None = None, *, num_classes: int | None = None,
-              bundle_root: str | Path | None = None) -> Pool:
+              bundle_root: str | Path | None = None, cache_dir: str | Path | None = None) -> Pool:
     """Load the pool of ``victim``: its eval records, its test records, then population records.
 
     population: a ``.p`` file or a folder of them (sorted by name), records ``[image, label]`` or
     ``[image, label, membership]``. Raises DataError for a bad file and MIAError when image shapes
-    differ between the files.
+    differ between the files. ``bundle_root``: paths are recorded relative to it. ``cache_dir``: the cache
+    root the eval and test records are read through (mia.io.cache; None: no cache).
     """
-    cache = Path(bundle_root) / ".cache" if bundle_root is not None else None  # the run's records cache
     parts: list[tuple[str, Records]] = [
-        ("eval", load_records(victim.eval_path, with_membership=True, num_classes=num_classes, cache_dir=cache)),
-        ("test", load_records(victim.test_path, with_membership=False, num_classes=num_classes, cache_dir=cache)),
+        ("eval", load_records(victim.eval_path, with_membership=True, num_classes=num_classes, cache_dir=cache_dir)),
+        ("test", load_records(victim.test_path, with_membership=False, num_classes=num_classes, cache_dir=cache_dir)),
     ]
     if population is not None:
         parts += [("population", load_population_file(p, num_classes)) for p in _population_files(Path(population))]

@@ -246,8 +246,9 @@ class ReferenceSet:
     def model_path(self, j: int) -> Path:
         return model_files(self.folder, j)[0]
 
-    def load_pool(self) -> Pool:
-        """The pool images, from the files recorded in the manifest; MIAError when one changed."""
+    def load_pool(self, cache_dir: Path | None = None) -> Pool:
+        """The pool images, from the files recorded in the manifest; MIAError when one changed.
+        ``cache_dir``: the cache root the eval and test records are read through (None: no cache)."""
         parts, sources = [], self.manifest["pool"]["sources"]
         for s in sources:
             path = Path(s["path"])
@@ -262,7 +263,7 @@ class ReferenceSet:
                 recs = load_population_file(path, self.manifest["num_classes"])
             else:
                 recs = load_records(path, with_membership=s["role"] == "eval", num_classes=self.manifest["num_classes"],
-                                    cache_dir=self.bundle_root / ".cache")
+                                    cache_dir=cache_dir)
             parts.append(recs)
         return Pool(images=np.concatenate([r.images for r in parts]), labels=np.concatenate([r.labels for r in parts]),
                     n_eval=self.n_eval, n_test=self.n_test, sources=sources)

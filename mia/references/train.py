@@ -13,6 +13,7 @@ from mia.bundle import Victim
 from mia.devices import resolve_device
 from mia.errors import MIAError
 from mia.io.atomic import atomic_save_npy
+from mia.io.cache import cache_root
 from mia.io.checkpoints import load_state_dict, save_checkpoint
 from mia.models.discovery import Architecture, discover_architecture
 from mia.references.pool import load_pool, make_masks, model_seed
@@ -75,6 +76,7 @@ def train_references(
     arch_dirs: list[Path] | None = None,
     trust: bool = False,
     log: Callable[[str], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> ReferenceSet:
     """Train the victim's missing reference models of this shard; return the set found on disk.
 
@@ -83,8 +85,9 @@ def train_references(
     manifest is rebuilt after each one. ``only``: train no models but these (``()`` trains none: it
     checks the folder against the recipe, writes the masks and rebuilds the manifest, as a merge). Architecture, class count and width (unless
     ``recipe.width``) come from the victim's weights; ``trust`` is passed to load_state_dict.
-    ``log`` receives one line per trained model. Raises MIAError when the folder holds models of
-    another recipe or pool.
+    ``log`` receives one line per trained model. The victim's records are read through the cache under
+    ``cache_root(cache_dir)`` (mia.io.cache). Raises MIAError when the folder holds models of another
+    recipe or pool.
     """
     recipe = recipe or ReferenceRecipe()
     recipe.validate()
@@ -101,7 +104,8 @@ def train_references(
         raise MIAError(f"{victim.name}: a reference width was asked for, but {architecture.builder.label} "
                        f"(from {architecture.builder.where}) takes no width argument")
     width = recipe.width or architecture.width
-    pool = load_pool(victim, population, num_classes=num_classes, bundle_root=bundle_root)
+    pool = load_pool(victim, population, num_classes=num_classes, bundle_root=bundle_root,
+                     cache_dir=cache_root(cache_dir))
     masks = make_masks(recipe.k, pool.n, recipe.seed)
     header = make_header(victim, recipe, pool, num_classes, width, architecture, bundle_root)
 
