@@ -367,6 +367,9 @@ def check_submission(root: str | Path, tasks: tuple[int, ...] | None = None,
                 else:
                     report.ok.append(line)
                     report.n_scores += 1
+            elif (root / f"results/scores/task{k}_{name}.npy").is_file():  # scores result.json has no task for
+                rel = f"results/scores/task{k}_{name}.npy"
+                report.errors += [f"{rel}: {problem}" for problem in vouched(rel)]
     report.errors += [f"{rel}: {problem}" for rel, problem in integrity.items()]
     if report.errors:
         raise SubmissionError("submission check failed:\n  " + "\n  ".join(report.errors))

@@ -81,6 +81,7 @@ def recover(root: Path) -> list[str]:
     olds = _leftovers(root, OLD_PREFIX)
     if results.is_dir() and not results.is_symlink() and pending.is_file() and not pending.is_symlink():
         os.replace(pending, root / RESULT_JSON)  # crashed between steps 5 and 6: the new tree is complete
+        pending.unlink(missing_ok=True)  # still there when both names were links to one file (a no-op rename)
         _fsync_folder(root)
         done.append(f"completed the interrupted write of {results} and {root / RESULT_JSON}")
     elif not os.path.lexists(results) and olds:  # crashed between steps 4 and 5: put the old tree back
