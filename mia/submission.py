@@ -258,7 +258,8 @@ def _interrupted_write(root: Path) -> str | None:
     if (results / publish.PENDING).is_file():
         return (f"{results / publish.PENDING}: a write was interrupted while results/ and result.json were "
                 "swapped; the next `mia run` completes it")
-    if not os.path.lexists(results) and any(p.name.startswith(publish.OLD_PREFIX) for p in root.iterdir()):
+    if (root.is_dir() and not os.path.lexists(results)
+            and any(p.name.startswith(publish.OLD_PREFIX) for p in root.iterdir())):
         return f"{results}: missing, a write was interrupted; the next `mia run` restores the earlier results/"
     return None
 
