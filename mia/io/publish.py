@@ -14,7 +14,7 @@ relative to the bundle root; ``XXXX`` is one random suffix per write.
 4. ``results/`` is renamed to ``.results-old-XXXX/`` (skipped when there is none).
 5. ``.results-staging-XXXX/`` is renamed to ``results/``.
 6. ``results/.pending-result.json`` is renamed onto ``result.json``: the new submission is complete.
-7. ``.results-old-XXXX/`` is removed.
+7. ``.results-old-XXXX/`` is removed (what an error leaves of it, the next ``recover`` removes).
 
 ``recover`` reads the state a crash left: ``results/.pending-result.json`` exists only between steps 5
 and 6 (the new tree is complete: step 6 is finished); no ``results/`` but a ``.results-old-*`` exists only
@@ -197,4 +197,7 @@ def commit(root: Path, staging: Path, result_json: bytes) -> None:
     os.replace(results / PENDING, root / RESULT_JSON)
     _fsync_folder(root)
     if old.is_dir():
-        shutil.rmtree(old)
+        try:
+            shutil.rmtree(old)
+        except OSError:  # the new submission is in place; the next write's recover removes what is left
+            pass
