@@ -19,7 +19,7 @@ relative to the bundle root; ``XXXX`` is one random suffix per write.
 ``recover`` reads the state a crash left: ``results/.pending-result.json`` exists only between steps 5
 and 6 (the new tree is complete: step 6 is finished); no ``results/`` but a ``.results-old-*`` exists only
 between 4 and 5 (it is renamed back: the old submission). Then every leftover ``.results-staging-*`` and
-``.results-old-*`` is removed. Nothing is ever written outside the bundle, and nothing in it but
+``.results-old-*`` is removed. This module writes nothing outside the bundle, and nothing in it but
 ``results/``, ``result.json`` and those two kinds of folders.
 """
 from __future__ import annotations
