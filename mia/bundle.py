@@ -15,6 +15,7 @@ than a victim silently skipped.
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,10 +129,30 @@ def test_file_victims(root: str | Path) -> tuple[dict[Path, tuple[str, str]], li
     return {tests[s]: keys[s] for s in sorted(keys)}, problems
 
 
+def select_victims(names: list[str], wanted: list[str], root: str | Path = "") -> list[str]:
+    """The names of ``names`` that ``wanted`` asks for, in the order of ``names``.
+
+    A wanted name without ``*``, ``?`` or ``[`` must equal a victim's name exactly; one with them is a
+    glob (``resnet34_*``), expanded here once against ``names``. A name or pattern that matches nothing
+    is a BundleError naming it and the victims found."""
+    chosen: set[str] = set()
+    unmatched = []
+    for want in wanted:
+        glob = any(c in want for c in "*?[")
+        hits = [n for n in names if (fnmatch.fnmatchcase(n, want) if glob else n == want)]
+        if not hits:
+            unmatched.append(want)
+        chosen.update(hits)
+    if unmatched:
+        raise BundleError(f"{root}: no victim named or matching {', '.join(unmatched)} "
+                          f"(found: {', '.join(sorted(names)) or 'none'})")
+    return [n for n in names if n in chosen]
+
+
 def discover(root: str | Path, *, strict: bool = True, victims: list[str] | None = None) -> Bundle:
     """Find every victim of the bundle at ``root``.
 
-    ``victims`` keeps only those names (``<arch>_<dataset>``). With ``strict`` (the default), any eval
+    ``victims`` keeps only those names (``<arch>_<dataset>``, or globs: see ``select_victims``). With ``strict`` (the default), any eval
     file without its test file or model, any test file or model without its eval file, and any file
     name that does not parse raise a BundleError listing all of them; otherwise they are kept in
     ``Bundle.problems`` and the complete victims are returned.
@@ -168,11 +189,8 @@ def discover(root: str | Path, *, strict: bool = True, victims: list[str] | None
         )
 
     if victims is not None:
-        names = {v.name for v in found}
-        unknown = sorted(set(victims) - names)
-        if unknown:
-            raise BundleError(f"{root}: no victim named {', '.join(unknown)} (found: {', '.join(sorted(names)) or 'none'})")
-        found = [v for v in found if v.name in set(victims)]
+        keep = set(select_victims([v.name for v in found], list(victims), root))
+        found = [v for v in found if v.name in keep]
     if strict and problems:
         raise BundleError(f"{root}: " + "; ".join(problems))
     if not found:

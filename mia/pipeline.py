@@ -15,7 +15,7 @@ import numpy as np
 
 from mia import attacks
 from mia.selection import Selection, select
-from mia.bundle import Bundle, Victim, discover
+from mia.bundle import Bundle, Victim, discover, select_victims
 from mia.config import RunConfig, TaskConfig
 from mia.io.cache import cache_root
 from mia.io.records import Records
@@ -266,10 +266,8 @@ def run(bundle: Bundle | str | Path, config: RunConfig | None = None, *, progres
     if not isinstance(bundle, Bundle):
         bundle = discover(bundle, strict=not config.keep_going, victims=wanted)
     elif wanted is not None:
-        missing = sorted(set(wanted) - {v.name for v in bundle.victims})
-        if missing:
-            raise MIAError(f"{bundle.root}: no victim named {', '.join(missing)}")
-        bundle = Bundle(bundle.root, [v for v in bundle.victims if v.name in wanted], bundle.arch_dirs,
+        keep = set(select_victims([v.name for v in bundle.victims], wanted, bundle.root))
+        bundle = Bundle(bundle.root, [v for v in bundle.victims if v.name in keep], bundle.arch_dirs,
                         bundle.problems)
     result = RunResult(bundle, config)
     for i, problem in enumerate(bundle.problems, 1):

@@ -24,6 +24,8 @@ from mia.core.thresholds import Sweep
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+FIGURE_KINDS = ("accuracy_vs_threshold", "roc", "histogram")  # the figures of one victim and access level
+
 # Figures are built with matplotlib's object API (no pyplot): no GUI backend, no global figure
 # registry to leak into, the same output headless and in a notebook (``display(fig)`` there).
 

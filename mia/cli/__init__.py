@@ -1,7 +1,7 @@
 """The command line: ``python -m mia {run,inspect,check,demo,evaluate,references} ...``.
 
-Errors on bad input are the project's own (mia.errors): they print as one line and exit with
-status 2; ``--debug`` shows the traceback instead.
+Errors on bad input are the project's own (mia.errors), and file system errors (a read-only folder, a
+full disk): they print as one line and exit with status 2; ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def _cmd_check(args) -> int:
     for line in rep.ok:
         print(f"ok  {line}")
     print(f"submission at {Path(root).resolve()} is valid ({rep.n_predictions} prediction files, {rep.n_scores} "
-          "score files)")
+          f"score files); {rep.n_verified} files match the sha256 in result.json")
     return 0
 
 
@@ -276,8 +276,15 @@ def _main(parser: argparse.ArgumentParser, args) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file system error outside the writes that name their folder (a full disk, ...)
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        where = (": results/ and result.json hold the earlier submission, or this run's complete one"
+                 if args.command == "run" else "")
+        print(f"interrupted{where}", file=sys.stderr)
         return 130
     parser.error(f"unknown command {args.command}")
     return 2

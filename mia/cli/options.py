@@ -13,7 +13,8 @@ def add_bundle_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_victims_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--victims", nargs="+", metavar="ARCH_DATASET", help="only these victims, e.g. vgg16_cifar10")
+    p.add_argument("--victims", nargs="+", metavar="ARCH_DATASET", help="only these victims, e.g. vgg16_cifar10, or globs such as 'resnet34_*' (quoted; "
+                        "one that matches no victim is an error)")
 
 
 def add_trust_option(p: argparse.ArgumentParser) -> None:
