@@ -171,14 +171,18 @@ def _ranking_stats(pos_at: np.ndarray, neg_at: np.ndarray) -> dict[str, np.ndarr
     return out
 
 
-def bootstrap_intervals(scores, pred, membership, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
-                        chunk: int = 2_000_000) -> BootstrapIntervals:
+#: Resamples drawn (and held in memory) at once, each block from its own generator (seed, block index).
+BOOTSTRAP_BLOCK = 100
+
+
+def bootstrap_intervals(scores, pred, membership, *, n_resamples: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> BootstrapIntervals:
     """Percentile bootstrap intervals of accuracy, AUC and TPR at 1% / 0.1% FPR.
 
     scores (n,) float, pred (n,) 0/1, membership (n,) 0/1. Each of ``n_resamples`` resamples draws the
     P members and the N non-members with replacement, separately (seeded by ``seed``); the interval of a
     metric is the (1 - level)/2 and (1 + level)/2 quantiles of its resampled values. Vectorized: per
-    resample, counts per distinct score (at most ``chunk`` counts in memory at once). The ranking metrics
+    resample, counts per distinct score, ``BOOTSTRAP_BLOCK`` resamples at a time. The ranking metrics
     need members and non-members; without both their intervals are None.
     """
     s = _as_scores(scores, allow_empty=False)
@@ -186,16 +190,15 @@ def bootstrap_intervals(scores, pred, membership, *, n_resamples: int = 1000, se
     p = _as_binary(pred, s.shape[0], "pred")
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
-    rng = np.random.default_rng(seed)
     _, groups = np.unique(s, return_inverse=True)
     n_groups = int(groups.max()) + 1
     pos, neg = np.flatnonzero(m == 1), np.flatnonzero(m == 0)
     correct = (p == m).astype(np.int64)
     ranking = len(pos) > 0 and len(neg) > 0
     stats: dict[str, list[np.ndarray]] = {"accuracy": [], "auc": [], **{k: [] for k in FPR_POINTS}}
-    step = max(1, chunk // max(n_groups, len(s)))
-    for start in range(0, n_resamples, step):
-        b = min(step, n_resamples - start)
+    for start in range(0, n_resamples, BOOTSTRAP_BLOCK):
+        b = min(BOOTSTRAP_BLOCK, n_resamples - start)
+        rng = np.random.default_rng([seed, start // BOOTSTRAP_BLOCK])
         pos_draw = pos[rng.integers(0, len(pos), (b, len(pos)))] if len(pos) else np.empty((b, 0), np.int64)
         neg_draw = neg[rng.integers(0, len(neg), (b, len(neg)))] if len(neg) else np.empty((b, 0), np.int64)
         stats["accuracy"].append((correct[pos_draw].sum(axis=1) + correct[neg_draw].sum(axis=1)) / len(s))
