@@ -21,10 +21,12 @@ from enum import StrEnum
 
 import numpy as np
 
+from mia.config import RunConfig
 from mia.core import signals as sig
 from mia.core.signals import integer_labels
 from mia.core.logistic import fit_logistic
-from mia.core.thresholds import ClassThresholds, predict, predict_per_class, sweep, sweep_per_class
+from mia.core.thresholds import (ClassThresholds, choose_shrinkage, predict, predict_per_class, sweep,
+                                 sweep_per_class)
 
 # ----------------------------------------------------------------------------------------------
 # Features
@@ -196,6 +198,7 @@ class Fitted:
                 "global_threshold": ct.global_threshold,
                 "class_thresholds": {str(k): v for k, v in sorted(ct.per_class.items())},
                 "fallback_classes": sorted(int(k) for k in ct.fallback_classes),
+                "shrinkage": ct.shrinkage,
             }
         return {"threshold": self.threshold}
 
@@ -253,8 +256,14 @@ def _learned_score(model, x: np.ndarray) -> np.ndarray:
 
 
 def fit(candidate: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, membership: np.ndarray,
-        *, min_class_count: int = 20, seed: int = 0) -> Fitted:
-    """Fit ``candidate`` on these records (features, true labels, 0/1 membership)."""
+        *, min_class_count: int = RunConfig.min_class_count, seed: int = RunConfig.seed,
+        class_priors: tuple[float, ...] = RunConfig.class_shrinkage, inner_folds: int = RunConfig.folds) -> Fitted:
+    """Fit ``candidate`` on these records (features, true labels, 0/1 membership).
+
+    Per-class thresholds (kind "class") are shrunk towards the global one with the strength of
+    ``class_priors`` (``mia.core.thresholds.sweep_per_class``'s ``shrinkage``) that an ``inner_folds``-fold
+    cross-validation on these records prefers: chosen inside the fit, so an outer cross-validation of
+    the candidate measures the choice too."""
     c = candidate
     if c.kind == "fixed":
         return Fitted(c, threshold=float(c.fixed_threshold))
@@ -268,7 +277,10 @@ def fit(candidate: Candidate, feats: dict[str, np.ndarray], labels: np.ndarray, 
                 best, best_acc = Fitted(Candidate("global", name), threshold=sw.best_threshold), sw.best_accuracy
         return Fitted(c, threshold=best.threshold, inner=best)
     if c.kind == "class":
-        return Fitted(c, class_thresholds=sweep_per_class(feats[c.signal], membership, labels, min_count=min_class_count))
+        lam = choose_shrinkage(feats[c.signal], membership, labels, tuple(class_priors), min_count=min_class_count,
+                               k=inner_folds, seed=seed)
+        return Fitted(c, class_thresholds=sweep_per_class(feats[c.signal], membership, labels, min_count=min_class_count,
+                                                          shrinkage=lam))
     x = _matrix(feats, c.features)
     class_stats = _class_stats(x, np.asarray(labels)) if c.kind == "logreg_class" else None
     x = _learned_inputs(c, feats, labels, class_stats, x)

@@ -224,8 +224,9 @@ def attack_victim(data: VictimData, config: RunConfig) -> list[TaskOutcome]:
             ev, te = data.label_only("eval"), data.label_only("test")
             seed_cands = attacks.SEED_LABEL_ONLY
             strong_cands = attacks.strong_label_only_candidates(list(ev))
-        common = dict(k=config.folds, seed=config.seed, min_class_count=config.min_class_count,
-                      test_membership=data.answers)
+        common = dict(k=config.folds, repeats=config.cv_repeats, seed=config.seed,
+                      min_class_count=config.min_class_count, class_priors=config.class_shrinkage,
+                      test_membership=data.answers, bootstrap_resamples=config.bootstrap_resamples)
         seed_sel = select(seed_cands, ev, data.eval.labels, m_eval, te, data.test.labels,
                                   selection="in_sample", **common)
         used = seed_sel

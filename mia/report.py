@@ -32,19 +32,33 @@ def summary_table(result) -> str:
 
 
 def comparison_rows(result) -> list[dict]:
-    """Seed's method against the used attack on test, per task and victim (needs an answer key)."""
+    """Seed's method against the used attack on test, per task and victim (needs an answer key), with
+    their bootstrap intervals (None when not computed)."""
     rows = []
     for o in result.outcomes:
         seed, used = o.seed.chosen_report, o.used.chosen_report
         if used.test is None:
             continue
         rows.append({"task": o.task.task, "victim": o.victim, "seed_attack": o.seed.chosen, "attack": o.used.chosen,
-                     "seed": seed.test, "ours": used.test})
+                     "seed": seed.test, "ours": used.test, "seed_intervals": o.seed.test_intervals,
+                     "intervals": o.used.test_intervals})
     return rows
 
 
+def _with_interval(value, intervals: dict | None, key: str) -> str:
+    """'63.8 [61.7-65.9]' (percent), '*' appended when the figure rests on fewer than 10 negatives."""
+    text = _pct(value)
+    if intervals is None or intervals.get(key) is None:
+        return text
+    lo, hi = intervals[key]
+    flag = "*" if key in intervals.get("few_negatives", ()) else ""
+    return f"{text} [{_pct(lo)}-{_pct(hi)}]{flag}"
+
+
 def comparison_table(result) -> str:
-    """Markdown: test accuracy, AUC and TPR at 1% / 0.1% FPR, seed vs ours, with means per access level."""
+    """Markdown: test accuracy, AUC and TPR at 1% / 0.1% FPR, seed vs ours, with bootstrap 95% intervals
+    [low-high] per victim, means per access level, and a note under the table when a TPR figure rests
+    on fewer than 10 test non-members below its FPR cut (marked *)."""
     rows = comparison_rows(result)
     if not rows:
         return "(no answer key in this bundle: nothing to compare on test)"
@@ -53,7 +67,8 @@ def comparison_table(result) -> str:
     for r in rows:
         cells = [f"task{r['task']}", r["victim"], f"{r['seed_attack']} -> {r['attack']}"]
         for k, _ in keys:
-            cells.append(f"{_pct(r['seed'][k])} -> {_pct(r['ours'][k])}")
+            cells.append(f"{_with_interval(r['seed'][k], r['seed_intervals'], k)} -> "
+                         f"{_with_interval(r['ours'][k], r['intervals'], k)}")
         out.append(cells)
     access = {o.task.task: o.task.access for o in result.outcomes}
     for level in ("posterior", "label"):
@@ -66,7 +81,18 @@ def comparison_table(result) -> str:
             u = np.mean([r["ours"][k] for r in sub])
             cells.append(f"{_pct(s)} -> {_pct(u)}")
         out.append(cells)
-    return _markdown(["task", "victim", "attack (seed -> ours)"] + [f"test {n} %" for _, n in keys], out)
+    table = _markdown(["task", "victim", "attack (seed -> ours)"] + [f"test {n} %" for _, n in keys], out)
+    notes = []
+    if any(r["intervals"] for r in rows):
+        first = next(r["intervals"] for r in rows if r["intervals"])
+        notes.append(f"[low-high]: {100 * first['level']:.0f}% {first['method']} intervals ({first['resamples']} "
+                     "resamples); the means have none.")
+    coarse = sorted({(k, n) for r in rows for iv in (r["intervals"], r["seed_intervals"]) if iv
+                     for k in iv["few_negatives"] for n in [iv["negatives_at_fpr"][k]]})
+    for k, n in coarse:
+        notes.append(f"* {dict(keys)[k]}: the FPR cut allows only {n} false positive(s) among the test "
+                     "non-members (fewer than 10): a coarse figure.")
+    return "\n".join([table] + notes)
 
 
 REFERENCE_ATTACKS = ("lira_online", "lira_offline", "rmia", "calibrated_aug_count", "label_lira", "calibrated_noise_correct",

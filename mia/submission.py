@@ -58,7 +58,8 @@ def _json_safe(obj):
 def _selection_summary(sel) -> dict:
     rep = sel.chosen_report
     return {"attack": sel.chosen, "description": rep.description, "fit": rep.fit, "eval": rep.eval,
-            "cv": rep.cv, "test": rep.test}
+            "cv": rep.cv, "test": rep.test,
+            "test_intervals": sel.test_intervals}  # bootstrap 95% intervals on test (None without answer key)
 
 
 def build_result_json(result) -> dict:
@@ -105,6 +106,7 @@ def build_result_json(result) -> dict:
             **_selection_summary(sel),
             "selection": sel.selection,
             "folds": sel.folds,
+            "cv_repeats": sel.repeats,
             "expected_test_accuracy": (sel.chosen_report.cv or sel.chosen_report.eval)["accuracy"],
             "n_test": int(len(sel.test_predictions)),
             "n_test_predicted_members": int(sel.test_predictions.sum()),

@@ -132,6 +132,7 @@ def test_bad_task_option_is_an_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("option, message", [
     (["--folds", "1"], "error: invalid option: folds must be at least 2"),
+    (["--cv-repeats", "0"], "error: invalid option: cv_repeats must be at least 1"),
     (["--label-noise-draws", "0"], "error: invalid option: label_noise_draws must be at least 1"),
     (["--label-noise", "0.1,x"], "error: --label-noise expects comma-separated positive numbers"),
     (["--label-noise", "0.1,-1"], "error: --label-noise levels must be positive"),

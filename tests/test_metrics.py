@@ -141,3 +141,68 @@ def test_attack_metrics_validation():
         attack_metrics([1.0, 2.0], [1], [0, 1])
     with pytest.raises(ValueError, match="NaN"):
         attack_metrics([1.0, np.nan], [1, 0], [0, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bootstrap intervals
+
+from mia.core.metrics import _ranking_stats, _resampled_counts, bootstrap_intervals  # noqa: E402
+
+
+def test_bootstrap_hand_cases():
+    # members 3 and 4 scored above non-members 1 and 2: every resample is perfectly ranked
+    b = bootstrap_intervals([3.0, 4.0, 1.0, 2.0], [1, 1, 0, 0], [1, 1, 0, 0], n_resamples=200)
+    assert b.intervals["auc"] == (1.0, 1.0) and b.intervals["tpr_at_1pct_fpr"] == (1.0, 1.0)
+    assert b.intervals["accuracy"] == (1.0, 1.0)
+    # members all predicted right, non-members all wrong: stratified resamples keep P = N = 2, so
+    # accuracy is always 2 / 4
+    b = bootstrap_intervals([3.0, 4.0, 1.0, 2.0], [1, 1, 1, 1], [1, 1, 0, 0], n_resamples=200)
+    assert b.intervals["accuracy"] == (0.5, 0.5)
+    # 2 non-members: 1% and 0.1% of 2 allow no false positive at all
+    assert b.negatives_at_fpr == {"tpr_at_1pct_fpr": 0, "tpr_at_01pct_fpr": 0}
+    assert b.few_negatives == ["tpr_at_1pct_fpr", "tpr_at_01pct_fpr"]
+
+
+def test_bootstrap_flags_cuts_with_fewer_than_10_negatives():
+    rng = np.random.default_rng(0)
+    m = np.r_[np.ones(1000, np.int64), np.zeros(1000, np.int64)]
+    s = m + rng.normal(size=2000)
+    b = bootstrap_intervals(s, (s > 0.5).astype(np.int64), m, n_resamples=50)
+    # 1% of 1,000 non-members is 10 false positives (enough); 0.1% is one
+    assert b.negatives_at_fpr == {"tpr_at_1pct_fpr": 10, "tpr_at_01pct_fpr": 1}
+    assert b.few_negatives == ["tpr_at_01pct_fpr"]
+    d = b.to_dict()
+    assert d["few_negatives"] == ["tpr_at_01pct_fpr"] and d["resamples"] == 50 and len(d["auc"]) == 2
+    json.dumps(d)
+
+
+def test_resampled_ranking_stats_equal_the_exact_metrics_on_each_resample():
+    rng = np.random.default_rng(1)
+    m = np.r_[np.ones(60, np.int64), np.zeros(140, np.int64)]
+    s = np.round(m + rng.normal(size=200), 1)  # ties
+    _, groups = np.unique(s, return_inverse=True)
+    pos, neg = np.flatnonzero(m == 1), np.flatnonzero(m == 0)
+    pos_draw, neg_draw = pos[rng.integers(0, 60, (5, 60))], neg[rng.integers(0, 140, (5, 140))]
+    stats = _ranking_stats(_resampled_counts(groups, groups.max() + 1, pos_draw),
+                           _resampled_counts(groups, groups.max() + 1, neg_draw))
+    for i in range(5):
+        idx = np.r_[pos_draw[i], neg_draw[i]]
+        assert stats["auc"][i] == pytest.approx(auc(s[idx], m[idx]), abs=1e-12)
+        assert stats["tpr_at_1pct_fpr"][i] == tpr_at_fpr(s[idx], m[idx], 0.01)
+        assert stats["tpr_at_01pct_fpr"][i] == tpr_at_fpr(s[idx], m[idx], 0.001)
+
+
+def test_bootstrap_accuracy_interval_matches_the_binomial_width_and_is_seeded():
+    rng = np.random.default_rng(2)
+    n = 2000
+    m = np.r_[np.ones(n // 2, np.int64), np.zeros(n // 2, np.int64)]
+    pred = np.where(rng.random(n) < 0.6, m, 1 - m)  # about 60 % right
+    s = pred + rng.normal(size=n)
+    b = bootstrap_intervals(s, pred, m, n_resamples=1000, seed=0)
+    lo, hi = b.intervals["accuracy"]
+    acc = accuracy(pred, m)
+    assert lo < acc < hi
+    # 95 % of a normal: +-1.96 standard errors, sqrt(0.6 * 0.4 / 2000) = 0.011 -> width about 0.043
+    assert abs((hi - lo) - 2 * 1.96 * math.sqrt(acc * (1 - acc) / n)) < 0.008
+    assert b.intervals == bootstrap_intervals(s, pred, m, n_resamples=1000, seed=0).intervals
+    assert b.intervals != bootstrap_intervals(s, pred, m, n_resamples=1000, seed=1).intervals

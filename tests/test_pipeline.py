@@ -413,3 +413,16 @@ def test_failing_victim_leaves_earlier_results_untouched(tiny_bundle, copy_bundl
     assert written == sorted(f"task{t}_{v}.npy" for t in TASKS for v in VICTIMS[:2])
     with pytest.raises(SubmissionError, match="task1_vgg16_fashionmnist.npy: missing"):
         check_submission(root)
+
+
+def test_run_config_selection_fields_are_validated_and_json_safe():
+    import json
+
+    d = RunConfig().to_dict()
+    assert d["cv_repeats"] == 5 and d["class_shrinkage"][-1] == "inf" and d["bootstrap_resamples"] == 1000
+    json.dumps(d, allow_nan=False)
+    assert RunConfig(class_shrinkage=d["class_shrinkage"]).class_shrinkage == RunConfig().class_shrinkage
+    for bad in (dict(cv_repeats=0), dict(class_shrinkage=()), dict(class_shrinkage=(-1.0,)),
+                dict(bootstrap_resamples=-1)):
+        with pytest.raises(ValueError):
+            RunConfig(**bad)

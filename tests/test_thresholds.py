@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from mia.core.thresholds import (
     ClassThresholds,
     brute_force_sweep,
+    choose_shrinkage,
     grid_sweep,
     predict,
     predict_per_class,
@@ -272,3 +273,58 @@ def test_sweep_per_class_equals_a_sweep_per_label(data, min_count):
     g, per_class, fallback = _loop_per_class(s, m, lab, min_count)
     assert ct.global_threshold == g and ct.fallback_classes == fallback
     assert ct.per_class == per_class
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-class thresholds shrunk towards the global one
+
+
+def test_shrinkage_hand_example():
+    # class 0: scores 1 2 3 4, membership 0 0 1 1 (own best cut 2.5, 4 of 4 right);
+    # class 1: scores 5 6 7 8, membership 0 0 0 1 (own best cut 7.5 = the global best, 6 of 8 right).
+    # Over the global cuts, class 0 gets 4 + n0 * 5/8 at 2.5 and 2 + n0 * 6/8 at 7.5, n0 = lambda * 8 / 2:
+    # 2.5 while n0 <= 16 (lambda <= 4; at 4 a tie, the smaller cut), 7.5 beyond.
+    s, m, lab = [1.0, 2, 3, 4, 5, 6, 7, 8], [0, 0, 1, 1, 0, 0, 0, 1], [0, 0, 0, 0, 1, 1, 1, 1]
+    for lam, expected in ((0.0, 2.5), (1.0, 2.5), (4.0, 2.5), (8.0, 7.5), (np.inf, 7.5)):
+        ct = sweep_per_class(s, m, lab, min_count=1, shrinkage=lam)
+        assert ct.per_class == {0: expected, 1: 7.5} and ct.global_threshold == 7.5 and ct.shrinkage == lam
+    with pytest.raises(ValueError, match="shrinkage"):
+        sweep_per_class(s, m, lab, shrinkage=-1.0)
+
+
+def _class_data(seed: int, n: int, classes: int, class_effect: float, scale: float = 0.6):
+    rng = np.random.default_rng(seed)
+    m = rng.permutation(np.repeat([0, 1], n // 2))
+    lab = rng.integers(0, classes, n)
+    return class_effect * lab + m + rng.normal(scale=scale, size=n), m, lab
+
+
+GRID = (0.0, 0.25, 1.0, 4.0, np.inf)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_shrinkage_keeps_real_class_differences(seed):
+    # each class sits 3 above the previous; members 1 above their class's non-members
+    s, m, lab = _class_data(seed, 1200, 4, 3.0)
+    lam = choose_shrinkage(s, m, lab, GRID, min_count=20)
+    assert lam < np.inf
+    ct = sweep_per_class(s, m, lab, min_count=20, shrinkage=lam)
+    for c in range(4):
+        assert 3.0 * c < ct.per_class[c] < 3.0 * c + 1.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_shrinkage_returns_near_global_when_class_differences_are_noise(seed):
+    # no class effect, 10 classes of about 40 records, a weak signal: free per-class cuts chase noise
+    s, m, lab = _class_data(seed, 400, 10, 0.0, scale=1.2)
+    lam = choose_shrinkage(s, m, lab, GRID, min_count=20)
+    assert lam >= 1.0  # at most half weight on an average class's own records
+    spread = lambda ct: max(abs(t - ct.global_threshold) for t in ct.per_class.values())  # noqa: E731
+    shrunk, free = (sweep_per_class(s, m, lab, min_count=20, shrinkage=x) for x in (lam, 0.0))
+    assert spread(shrunk) < 0.6 * spread(free)
+
+
+def test_choose_shrinkage_single_value_and_determinism():
+    s, m, lab = _class_data(0, 300, 5, 0.5)
+    assert choose_shrinkage(s, m, lab, (1.0,)) == 1.0
+    assert choose_shrinkage(s, m, lab, GRID, seed=3) == choose_shrinkage(s, m, lab, GRID, seed=3)

@@ -56,6 +56,7 @@ def _run_config(args) -> RunConfig:
         method=args.method,
         views=args.views,
         folds=args.folds,
+        cv_repeats=args.cv_repeats,
         seed=args.seed,
         device=args.device,
         precision=args.precision,
@@ -85,6 +86,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", choices=("identity", "flip", "standard"), default=d.views,
                    help="query views per record (default: identity, flip and 8 shifts)")
     p.add_argument("--folds", type=int, default=d.folds, help=f"k of the k-fold cross-validation on eval (default {d.folds})")
+    p.add_argument("--cv-repeats", type=int, default=d.cv_repeats,
+                   help=f"independent k-fold splits of eval averaged, the same for every candidate (default {d.cv_repeats})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--task", action="append", metavar="K=ACCESS",

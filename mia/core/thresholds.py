@@ -18,6 +18,9 @@ one is present the last candidate (``+inf``, "no one") is left out: it would rep
 Ties in accuracy: the best threshold is the FIRST maximum, i.e. the smallest candidate threshold
 reaching the best accuracy (so between equally good cuts the one predicting more members wins).
 
+``sweep_per_class`` can shrink each class's threshold towards the global one (``shrinkage``), and
+``choose_shrinkage`` picks that strength by cross-validation.
+
 ``grid_sweep`` (the usual 100-point grid) and ``brute_force_sweep`` (O(n^2) reference) are public
 baselines for tests and benchmarks.
 """
@@ -27,8 +30,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mia.core.folds import stratified_folds
+
 __all__ = [
     "ClassThresholds",
+    "choose_shrinkage",
     "Sweep",
     "brute_force_sweep",
     "grid_sweep",
@@ -56,6 +62,7 @@ class ClassThresholds:
     global_threshold: float  # best threshold over all records; used for unseen / fallback labels
     per_class: dict[int, float]  # label -> threshold, for every label seen while fitting
     fallback_classes: list[int] = field(default_factory=list)  # labels that use global_threshold
+    shrinkage: float = 0.0  # pseudo-records of the global rule per class, in units of the mean class size
 
     def for_labels(self, labels) -> np.ndarray:
         """(n,) float64: the threshold of each record's label (the global one for unseen labels)."""
@@ -188,21 +195,32 @@ def predict(scores, threshold: float) -> np.ndarray:
     return (s >= threshold).astype(np.int64)
 
 
-def sweep_per_class(scores, membership, labels, min_count: int = 20) -> ClassThresholds:
+def sweep_per_class(scores, membership, labels, min_count: int = 20, shrinkage: float = 0.0) -> ClassThresholds:
     """One threshold per true label, each chosen by an exact ``sweep`` on that label's records.
 
     A label falls back to the global threshold (the ``sweep`` over all records) when it has fewer
     than ``min_count`` records or only members / only non-members; such labels are listed, sorted,
     in ``fallback_classes`` and also mapped to the global threshold in ``per_class``.
+    ``shrinkage`` = lambda >= 0 (inf allowed) pulls each class towards the global rule: its threshold
+    maximizes  correct_c(t) + n0 acc(t)  over the global sweep's cuts t, where correct_c counts the
+    class's records classified right, acc(t) is the accuracy on all records and n0 = lambda n / C
+    (C labels): n0 pseudo-records that behave like the whole set, an empirical-Bayes weight
+    n_c / (n_c + n0) on the class's own evidence. lambda = 0: each class free (its own ``sweep``);
+    inf: the global threshold for every class.
     scores (n,), membership (n,) 0/1, labels (n,) int.
     """
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
+    if not shrinkage >= 0:
+        raise ValueError(f"shrinkage must be >= 0, got {shrinkage}")
     s = _as_scores(scores, allow_empty=False)
     m = _as_binary(membership, s.shape[0], "membership")
     lab = _as_labels(labels, s.shape[0])
-    global_threshold = sweep(s, m).best_threshold
+    overall = sweep(s, m)
+    global_threshold = overall.best_threshold
     classes, best, counts, members = _best_per_class(s, m, lab)
+    if shrinkage > 0:
+        best = _shrunk_per_class(s, m, lab, classes, overall, shrinkage * len(s) / len(classes))
     per_class: dict[int, float] = {}
     fallback: list[int] = []
     for c, t, count, mem in zip(classes.tolist(), best.tolist(), counts.tolist(), members.tolist()):
@@ -211,7 +229,48 @@ def sweep_per_class(scores, membership, labels, min_count: int = 20) -> ClassThr
             fallback.append(c)
         else:
             per_class[c] = t
-    return ClassThresholds(global_threshold, per_class, fallback)
+    return ClassThresholds(global_threshold, per_class, fallback, float(shrinkage))
+
+
+def _shrunk_per_class(s: np.ndarray, m: np.ndarray, lab: np.ndarray, classes: np.ndarray, overall: Sweep,
+                      prior_count: float) -> np.ndarray:
+    """(C,) per class, the cut of ``overall`` (the global sweep of s) maximizing correct_c(t) + prior_count acc(t);
+    the first maximum (smallest cut) on ties. Inf prior_count: the global threshold for every class."""
+    if np.isinf(prior_count):
+        return np.full(len(classes), overall.best_threshold)
+    values, inverse = np.unique(s, return_inverse=True)
+    d, n_cut = len(values), len(overall.thresholds)
+    row = np.searchsorted(classes, lab)
+    members_at = np.bincount(row * d + inverse, weights=m, minlength=len(classes) * d).reshape(-1, d)
+    total_at = np.bincount(row * d + inverse, minlength=len(classes) * d).reshape(-1, d)
+    zero = np.zeros((len(classes), 1))
+    members_below = np.concatenate([zero, np.cumsum(members_at, axis=1)], axis=1)  # (C, d + 1)
+    nonmembers_below = np.concatenate([zero, np.cumsum(total_at - members_at, axis=1)], axis=1)
+    correct = (nonmembers_below + members_below[:, -1:] - members_below)[:, :n_cut]
+    objective = correct + prior_count * overall.accuracies[None, :]
+    return overall.thresholds[np.argmax(objective, axis=1)]
+
+
+def choose_shrinkage(scores, membership, labels, grid: tuple[float, ...], *, min_count: int = 20, k: int = 5,
+                     seed: int = 0) -> float:
+    """The shrinkage of ``grid`` whose per-class thresholds classify the most held-out records right in a
+    stratified k-fold cross-validation of these records (ties: the stronger shrinkage). One-value grid: it."""
+    if len(grid) == 1:
+        return float(grid[0])
+    s = _as_scores(scores, allow_empty=False)
+    m = _as_binary(membership, s.shape[0], "membership")
+    lab = _as_labels(labels, s.shape[0])
+    folds = stratified_folds(m, k, seed)
+    correct = np.zeros(len(grid))
+    for f in range(k):
+        held, train = folds == f, folds != f
+        if not held.any() or not train.any():
+            continue
+        for i, lam in enumerate(grid):
+            ct = sweep_per_class(s[train], m[train], lab[train], min_count=min_count, shrinkage=lam)
+            correct[i] += np.count_nonzero(predict_per_class(s[held], lab[held], ct) == m[held])
+    best = np.flatnonzero(correct == correct.max())
+    return float(max(grid[i] for i in best))
 
 
 def _best_per_class(s: np.ndarray, m: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, ...]:
