@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import BenchResult, Check, fmt, markdown_table, timed
+from benchmarks import BenchResult, Check, markdown_table, timed
 from mia.bundle import discover
 from mia.config import RunConfig
 from mia.inspection import load_victim
@@ -84,19 +84,20 @@ def run(cfg: PrecisionConfig, log=print) -> BenchResult:
                          "d_auc_points": 100 * (r16["auc"] - r32["auc"]),
                          "d_tpr_points": 100 * (r16["tpr_1pct"] - r32["tpr_1pct"]),
                          "d_acc_points": 100 * (r16["accuracy"] - r32["accuracy"])})
+    def pct(x: float) -> str:
+        return f"{100 * x:.2f}"
+
     table = markdown_table(
         ["victim", "task", "attack fp32", "attack bf16", "AUC fp32", "AUC bf16", "TPR@1% fp32", "TPR@1% bf16",
          "acc fp32", "acc bf16"],
-        [[r["victim"], r["task"], r["fp32"]["attack"], r["bf16"]["attack"] if not r["same_attack"] else "same",
-          fmt(100 * r["fp32"]["auc"], 2), fmt(100 * r["bf16"]["auc"], 2), fmt(100 * r["fp32"]["tpr_1pct"], 2),
-          fmt(100 * r["bf16"]["tpr_1pct"], 2), fmt(100 * r["fp32"]["accuracy"], 2), fmt(100 * r["bf16"]["accuracy"], 2)]
-         for r in rows])
+        [[r["victim"], r["task"], r["fp32"]["attack"], "same" if r["same_attack"] else r["bf16"]["attack"],
+          *(pct(r[p][key]) for key in ("auc", "tpr_1pct", "accuracy") for p in ("fp32", "bf16"))] for r in rows])
     logit_table = markdown_table(
-        ["victim", "max abs logit delta", "mean abs delta", "argmax agreement", "sample max delta, fp32 head",
+        ["victim", "max abs logit delta", "mean abs delta", "argmax agreement %", "sample max delta, fp32 head",
          "sample max delta, bf16 head", "s fp32", "s bf16"],
-        [[d["victim"], fmt(d["max_abs_logit_delta"], 4), fmt(d["mean_abs_logit_delta"], 5),
-          fmt(100 * d["argmax_agreement"], 2) + "%", fmt(d["sample_max_delta_fp32_head"], 4),
-          fmt(d["sample_max_delta_bf16_head"], 4), fmt(d["seconds_fp32"], 0), fmt(d["seconds_bf16"], 0)]
+        [[d["victim"], f"{d['max_abs_logit_delta']:.4f}", f"{d['mean_abs_logit_delta']:.4f}",
+          pct(d["argmax_agreement"]), f"{d['sample_max_delta_fp32_head']:.4f}",
+          f"{d['sample_max_delta_bf16_head']:.4f}", f"{d['seconds_fp32']:.0f}", f"{d['seconds_bf16']:.0f}"]
          for d in deltas])
     worst_auc = max(abs(r["d_auc_points"]) for r in rows)
     worst_tpr = max(abs(r["d_tpr_points"]) for r in rows)

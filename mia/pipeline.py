@@ -44,6 +44,9 @@ class VictimData:
     reference: dict[str, dict[str, np.ndarray]] | None = None  # LiRA/RMIA features per split, if any
     reference_label: dict[str, dict[str, np.ndarray]] | None = None  # label-only reference features per split
     n_reference_models: int = 0
+    rmia_a: float | None = None  # RMIA's offline a as used (tuned on eval)
+    reference_sanity: list[dict] = field(default_factory=list)  # per reference: its held-out accuracy and the
+    #   victim's on the same records (mia.references.attacks.reference_sanity)
     noise_levels: list[float] = field(default_factory=list)  # noise level (config.label_noise units) of each noisy query
     noise_view_names: list[str] = field(default_factory=list)  # View.name of each noisy query
     eval_noise_labels: np.ndarray | None = None  # (Q, n_eval) int64 predicted labels of the noisy queries
@@ -175,12 +178,19 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         answers = VictimAnswers(data.eval_logits[idx], data.test_logits[idx], eval_recs.labels, test_recs.labels,
                                 tuple(data.view_names[i] for i in idx),
                                 data.eval_noise_labels if noisy else None, data.test_noise_labels if noisy else None,
-                                tuple(data.noise_view_names) if noisy else None)
+                                tuple(data.noise_view_names) if noisy else None, eval_membership=eval_recs.membership)
         ref = victim_reference_features(bundle.root, victim, answers, ReferenceOptions(
             device=config.device, batch_size=config.batch_size, progress=progress, cache=config.cache,
             cache_dir=config.cache_dir))
         if ref is not None:  # the label-only features come from the victim's predicted labels only
             data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k
+            data.rmia_a, data.reference_sanity = ref.rmia_a, ref.sanity
+            for row in ref.sanity:
+                if row["mismatched"] and log is not None:
+                    log(f"warning: {victim.name}: reference model {row['model']} reaches "
+                        f"{100 * row['reference_accuracy']:.1f}% on {row['records']} held-out eval records where the "
+                        f"victim reaches {100 * row['victim_accuracy']:.1f}%: references trained unlike the victim "
+                        f"weaken LiRA/RMIA (match its epochs, augmentation, width)")
     data.seconds = time.perf_counter() - t0
     return data
 

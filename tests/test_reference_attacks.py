@@ -23,7 +23,7 @@ from mia.core.reference_stats import (
     rmia_scores,
 )
 from mia.references.attacks import ReferenceOptions, VictimAnswers, victim_reference_features
-from mia.references import ReferenceRecipe, load_reference_set, reference_logits, train_references
+from mia.references import ReferenceRecipe, load_reference_set, make_masks, reference_logits, train_references
 from mia.scoring import FLIP, IDENTITY, compute_logits, noise_views
 
 
@@ -233,6 +233,13 @@ def test_reference_features_end_to_end(bundle, tmp_path):
             assert values.shape == (n,) and values.dtype == np.float64 and np.isfinite(values).all()
         assert (0 <= feats[split]["rmia"]).all() and (feats[split]["rmia"] <= 1).all()
     assert set(label_only["eval"]) == {"calibrated_aug_count", "label_lira"}
+    assert both.rmia_a == 0.3 and both.sanity == []  # without the eval membership: the paper's a, no check
+    membership = load_records(victim.eval_path, with_membership=True).membership
+    tuned = victim_reference_features(bundle.root, victim, dataclasses.replace(answers, eval_membership=membership),
+                                      options)
+    assert 0.0 <= tuned.rmia_a <= 1.0 and [r["model"] for r in tuned.sanity] == [0, 1, 2, 3]
+    assert all(0 <= r["reference_accuracy"] <= 1 and r["records"] > 0 for r in tuned.sanity)
+    np.testing.assert_array_equal(tuned.posterior["eval"]["lira_online"], feats["eval"]["lira_online"])
     assert label_only["eval"]["calibrated_aug_count"].shape == (32,)
     assert np.abs(label_only["test"]["calibrated_aug_count"]).max() <= 2  # two views
     # the label-only values come from the victim's predicted labels only: the same from any logits with that argmax
@@ -325,3 +332,38 @@ def test_label_lira_by_hand():
     assert label_lira(victim, refs, labels, no_in)[0] == pytest.approx(math.log(0.5) - math.log(2.5 / 4))
     with pytest.raises(TypeError, match="integer predicted labels"):
         label_lira(victim.astype(float), refs, labels, mask)
+
+
+def test_rmia_a_is_tuned_on_eval_auc():
+    from mia.core.metrics import auc
+    from mia.references.attacks import RMIA_A_GRID, tune_rmia_a
+
+    rng = np.random.default_rng(3)
+    k, v, n, n_eval = 4, 2, 120, 80
+    masks = make_masks(k, n, 0)
+    ref = np.log(rng.uniform(0.05, 1.0, size=(k, v, n)))
+    member = rng.integers(0, 2, n)
+    target = np.log(np.clip(np.exp(ref.mean(axis=0)) + 0.3 * member[None] * rng.uniform(size=(v, n)), 1e-6, 1.0))
+    a, scores = tune_rmia_a(target, ref, masks, member[:n_eval])
+    assert a in RMIA_A_GRID
+    np.testing.assert_array_equal(scores, rmia_scores(target, ref, masks, a=a))
+    best = max(auc(rmia_scores(target, ref, masks, a=x)[:n_eval], member[:n_eval]) for x in RMIA_A_GRID)
+    assert auc(scores[:n_eval], member[:n_eval]) == best
+
+
+def test_reference_sanity_compares_on_the_same_held_out_records():
+    from mia.references.attacks import reference_sanity
+
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    victim = np.array([0, 1, 2, 0, 0, 0])  # right on records 0, 1, 2, 4
+    refs = np.array([[0, 0, 2, 3, 1, 1],  # model 0: right on 0, 2, 3, 5
+                     [0, 1, 2, 3, 0, 1]])  # model 1: right everywhere
+    masks = np.array([[False, True, False, False, True, False],
+                      [True, False, False, False, False, True]])
+    membership = np.array([0, 0, 0, 0, 1])  # the first 5 records are eval; record 4 a member
+    rows = reference_sanity(victim, refs, masks, labels, membership)
+    # model 0 held out: eval non-members it did not train on = records 0, 2, 3 -> ref 3/3, victim 2/3
+    # model 1 held out: records 1, 2, 3 -> ref 3/3, victim 2/3
+    assert [r["records"] for r in rows] == [3, 3]
+    assert rows[0]["reference_accuracy"] == 1.0 and rows[0]["victim_accuracy"] == pytest.approx(2 / 3)
+    assert all(r["mismatched"] for r in rows)  # 33 points apart

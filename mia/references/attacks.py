@@ -2,13 +2,14 @@
 statistics of mia.core.reference_stats (LiRA, RMIA, label-only likelihood ratios; formulas there)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mia.bundle import Victim
 from mia.core import signals as sig
+from mia.core.metrics import auc
 from mia.core.reference_stats import calibrated_aug_count, fit_gaussians, label_lira, lira_offline, lira_online, rmia_scores
 from mia.core.signals import integer_labels
 from mia.errors import MIAError
@@ -65,20 +66,71 @@ def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view
     return ref_logits, ref_set.complete_masks()[:, :n], ref_noisy
 
 
+#: RMIA's offline parameter a is chosen from these by eval AUC when ReferenceOptions.rmia_a is "auto".
+RMIA_A_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def tune_rmia_a(target_log_p: np.ndarray, reference_log_p: np.ndarray, masks: np.ndarray,
+                eval_membership: np.ndarray, grid: tuple[float, ...] = RMIA_A_GRID) -> tuple[float, np.ndarray]:
+    """(a, RMIA scores (n,) at that a): the a of ``grid`` whose scores rank the eval records (the first
+    ``len(eval_membership)``) best by AUC; ties go to the a nearest the paper's 0.3. One parameter fitted
+    on about a thousand labelled records: the cross-validated choice among candidates that follows sees
+    these scores like any other feature."""
+    n_eval = len(eval_membership)
+    best = None
+    for a in sorted(grid, key=lambda v: abs(v - 0.3)):
+        scores = rmia_scores(target_log_p, reference_log_p, masks, a=a)
+        value = auc(scores[:n_eval], eval_membership)
+        if best is None or value > best[0] + 1e-12:
+            best = (value, a, scores)
+    assert best is not None
+    return best[1], best[2]
+
+
 def _posterior_values(target: np.ndarray, ref_logits: np.ndarray, masks: np.ndarray, labels: np.ndarray, *,
-                      rmia_a: float, global_variance: bool | None) -> dict[str, np.ndarray]:
-    """LiRA online / offline and RMIA from victim logits (V, n, C) and reference logits (K, V, n, C)."""
+                      rmia_a: float | str, global_variance: bool | None,
+                      eval_membership: np.ndarray | None) -> tuple[dict[str, np.ndarray], float]:
+    """(LiRA online / offline and RMIA, RMIA's a) from victim logits (V, n, C) and reference logits (K, V, n, C).
+    ``rmia_a="auto"`` tunes a on the eval records (``eval_membership``, the first records)."""
     def per_view(fn, logits):  # (..., V, n, C) -> (..., V, n)
         flat = logits.reshape(-1, *logits.shape[-2:])
         return np.stack([fn(z, labels) for z in flat]).reshape(logits.shape[:-1])
 
     target_phi = per_view(sig.logit_scaled_confidence, target)
     fit = fit_gaussians(per_view(sig.logit_scaled_confidence, ref_logits), masks, global_variance=global_variance)
-    return {
-        "lira_online": lira_online(target_phi, fit),
-        "lira_offline": lira_offline(target_phi, fit),
-        "rmia": rmia_scores(per_view(sig.neg_loss, target), per_view(sig.neg_loss, ref_logits), masks, a=rmia_a),
-    }
+    target_log_p, ref_log_p = per_view(sig.neg_loss, target), per_view(sig.neg_loss, ref_logits)
+    if rmia_a == "auto":
+        if eval_membership is None:
+            raise ValueError('rmia_a="auto" needs the eval membership')
+        a, rmia = tune_rmia_a(target_log_p, ref_log_p, masks, eval_membership)
+    else:
+        a, rmia = float(rmia_a), rmia_scores(target_log_p, ref_log_p, masks, a=float(rmia_a))
+    return {"lira_online": lira_online(target_phi, fit), "lira_offline": lira_offline(target_phi, fit),
+            "rmia": rmia}, a
+
+
+#: A reference model whose accuracy differs from the victim's by more than this (on the same held-out
+#: records) is reported as mismatched: reference attacks assume references trained like the victim.
+SANITY_GAP = 0.05
+
+
+def reference_sanity(victim_predicted: np.ndarray, ref_predicted: np.ndarray, masks: np.ndarray,
+                     labels: np.ndarray, eval_membership: np.ndarray) -> list[dict]:
+    """Per reference model: its accuracy and the victim's on the same held-out records (eval non-members
+    the reference did not train on), identity view. victim_predicted (n,), ref_predicted (K, n) int,
+    masks (K, n), labels (n,), eval_membership (n_eval,) for the first n_eval records."""
+    n_eval = len(eval_membership)
+    rows = []
+    for k in range(ref_predicted.shape[0]):
+        held_out = np.zeros(len(labels), dtype=bool)
+        held_out[:n_eval] = (eval_membership == 0) & ~masks[k, :n_eval]
+        if not held_out.any():
+            continue
+        ref_acc = float((ref_predicted[k, held_out] == labels[held_out]).mean())
+        vic_acc = float((victim_predicted[held_out] == labels[held_out]).mean())
+        rows.append({"model": k, "records": int(held_out.sum()), "reference_accuracy": ref_acc,
+                     "victim_accuracy": vic_acc, "mismatched": abs(ref_acc - vic_acc) > SANITY_GAP})
+    return rows
 
 
 def _label_only_values(victim_predicted: np.ndarray, ref_logits: np.ndarray, masks: np.ndarray,
@@ -104,6 +156,9 @@ class ReferenceFeatures:
     posterior: dict[str, dict[str, np.ndarray]]  # split -> lira_online, lira_offline, rmia
     label_only: dict[str, dict[str, np.ndarray]]  # split -> calibrated_aug_count, label_lira (+ noise_lira,
     #   calibrated_noise_correct with noisy queries)
+    rmia_a: float = 0.3  # RMIA's offline parameter as used (tuned on eval with rmia_a="auto")
+    sanity: list[dict] = field(default_factory=list)  # reference_sanity: each model's accuracy next to the
+    #   victim's on the same held-out eval records (needs the eval membership)
 
 
 @dataclass(frozen=True)
@@ -118,6 +173,7 @@ class VictimAnswers:
     eval_noise_labels: np.ndarray | None = None  # (Q, n_eval) integer predicted labels under noisy queries
     test_noise_labels: np.ndarray | None = None  # (Q, n_test)
     noise_view_names: tuple[str, ...] | None = None  # View.name of each noisy query
+    eval_membership: np.ndarray | None = None  # (n_eval,) 0/1: tunes RMIA's a and checks the references
 
 
 @dataclass(frozen=True)
@@ -128,7 +184,8 @@ class ReferenceOptions:
     cache: bool = True  # keep the references' logits and the pool's records in the cache (mia.io.cache)
     cache_dir: str | Path | None = None  # the cache's folder; None: mia.io.cache.cache_root's default
     min_models: int = 2  # fewer complete reference models: no reference features
-    rmia_a: float = 0.3  # RMIA's offline interpolation parameter
+    rmia_a: float | str = "auto"  # RMIA's offline interpolation parameter, or "auto": the a of RMIA_A_GRID
+    #   with the best eval AUC (needs answers.eval_membership)
     global_variance: bool | None = None  # LiRA: one variance for all records (None: when K is small)
     references_root: Path | None = None  # None: <bundle>/references
     batch_size: int = 256
@@ -172,13 +229,17 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
     ref_logits, masks = loaded[:2]
     labels = np.concatenate([eval_labels, test_labels])
     target = _victim_logits(answers.eval_logits, answers.test_logits, len(view_names), n_eval + n_test)
-    posterior = _posterior_values(target, ref_logits, masks, labels, rmia_a=o.rmia_a,
-                                  global_variance=o.global_variance)
+    eval_membership = None if answers.eval_membership is None else np.asarray(answers.eval_membership)
+    rmia_a = o.rmia_a if o.rmia_a != "auto" or eval_membership is not None else 0.3
+    posterior, rmia_a = _posterior_values(target, ref_logits, masks, labels, rmia_a=rmia_a,
+                                          global_variance=o.global_variance, eval_membership=eval_membership)
     label_only = _label_only_values(target.argmax(axis=-1), ref_logits, masks, labels)
+    sanity = ([] if eval_membership is None else
+              reference_sanity(target[0].argmax(-1), ref_logits[:, 0].argmax(-1), masks, labels, eval_membership))
     if noise_view_names is not None:
         ref_noisy = loaded[2]
         label_only["noise_lira"] = label_lira(victim_noisy, ref_noisy, labels, masks)
         label_only["calibrated_noise_correct"] = (calibrated_aug_count(victim_noisy, ref_noisy, labels, masks)
                                                   / len(noise_view_names))
     return ReferenceFeatures(k=ref_logits.shape[0], posterior=_split(posterior, n_eval),
-                             label_only=_split(label_only, n_eval))
+                             label_only=_split(label_only, n_eval), rmia_a=rmia_a, sanity=sanity)
