@@ -101,7 +101,8 @@ def test_a_warm_run_measures_nothing(foreign_bundle, tmp_path, capsys, monkeypat
 
     root = tmp_path / "b"
     shutil.copytree(foreign_bundle, root, ignore=shutil.ignore_patterns("results", ".cache", "result.json"))
-    args = ["run", "--bundle", str(root), "--quiet", "--no-plots", "--victims", "wrn10_2_toy"]
+    args = ["run", "--bundle", str(root), "--quiet", "--no-plots", "--victims", "wrn10_2_toy",
+            "--cache-dir", str(tmp_path / "cache")]  # its own cache: other tests scored this victim already
     assert main(args) == 0
     assert "images/s measured" in capsys.readouterr().out  # cold: the cost is measured and shown
 
