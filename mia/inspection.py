@@ -24,8 +24,8 @@ from mia.models.loading import VictimModelInfo, load_victim_model
 from mia.devices import resolve_device
 from mia.scoring import CPU_FORWARD_IMAGES, VIEW_SETS
 
-__all__ = ["BundleSummary", "VictimSummary", "flops_per_image", "inspect_bundle", "load_victim", "summarize_victim",
-           "total_line"]
+__all__ = ["BundleSummary", "VictimSummary", "flops_per_image", "inspect_bundle", "load_victim",
+           "measure_seconds_per_image", "summarize_victim", "total_line"]
 
 
 @dataclass
@@ -103,7 +103,7 @@ def flops_per_image(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
     return int(counter.get_total_flops())
 
 
-def _seconds_per_image(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> float:
+def measure_seconds_per_image(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> float:
     """Forward time per image on ``device``, from one timed batch of real records after a warm-up."""
     n = min(len(images), CPU_FORWARD_IMAGES if device.type == "cpu" else 256)
     x = torch.from_numpy(images[:n]).to(device)
@@ -139,7 +139,7 @@ def summarize_victim(victim: Victim, model: torch.nn.Module, info: VictimModelIn
     try:
         if measure:
             flops = flops_per_image(model, eval_recs.images.shape[1:])
-            seconds_per_image = _seconds_per_image(model, eval_recs.images, device)
+            seconds_per_image = measure_seconds_per_image(model, eval_recs.images, device)
     except RuntimeError as e:  # shape errors from the model itself
         raise MIAError(f"{victim.name}: the model failed on images of shape {eval_recs.images.shape[1:]}: "
                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e

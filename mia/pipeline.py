@@ -17,10 +17,11 @@ from mia import attacks
 from mia.selection import Selection, select
 from mia.bundle import Bundle, Victim, discover, select_victims
 from mia.config import RunConfig, TaskConfig
+from mia.devices import resolve_device
 from mia.io.cache import cache_root
 from mia.io.records import Records
 from mia.errors import DataError, MIAError
-from mia.inspection import load_victim, summarize_victim
+from mia.inspection import load_victim, measure_seconds_per_image, summarize_victim
 from mia.models.loading import VictimModelInfo, builder_key
 from mia.models.registry import REPO_ARCH_DIR
 from mia.scoring import VIEW_SETS, View, cached_logits, compute_logits, logits_cache_path, noise_views, precision_tag
@@ -179,9 +180,12 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
                                 tuple(data.view_names[i] for i in idx),
                                 data.eval_noise_labels if noisy else None, data.test_noise_labels if noisy else None,
                                 tuple(data.noise_view_names) if noisy else None, eval_membership=eval_recs.membership)
-        ref = victim_reference_features(bundle.root, victim, answers, ReferenceOptions(
-            device=config.device, batch_size=config.batch_size, progress=progress, cache=config.cache,
-            cache_dir=config.cache_dir))
+        options = ReferenceOptions(device=config.device, batch_size=config.batch_size, progress=progress,
+                                   cache=config.cache, cache_dir=config.cache_dir)
+        ref = victim_reference_features(bundle.root, victim, answers, options)
+        if ref is None and _train_missing_references(victim, bundle, config, model, eval_recs, test_recs, len(idx),
+                                                     progress, log):
+            ref = victim_reference_features(bundle.root, victim, answers, options)
         if ref is not None:  # the label-only features come from the victim's predicted labels only
             data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k
             data.rmia_a, data.reference_sanity = ref.rmia_a, ref.sanity
@@ -193,6 +197,41 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
                         f"weaken LiRA/RMIA (match its epochs, augmentation, width)")
     data.seconds = time.perf_counter() - t0
     return data
+
+
+def _trains_references(device) -> bool:
+    """Whether a run trains missing reference models itself (on an accelerator; a CPU only estimates)."""
+    return resolve_device(device).type == "cuda"
+
+
+def _train_missing_references(victim: Victim, bundle: Bundle, config: RunConfig, model, eval_recs: Records,
+                              test_recs: Records, n_views: int, progress: bool, log) -> bool:
+    """A victim without reference models: on CUDA, train as many as ``config.reference_budget`` allows (at
+    least 2; returns True when it trained); elsewhere log what 2 would cost here and how to train them."""
+    from mia.references import ReferenceRecipe, train_references
+    from mia.references.budget import affordable_k, reference_cost
+
+    device = resolve_device(config.device)
+    if log is None and not _trains_references(device):
+        return False  # nothing to say to nobody: no forward pass timed
+    recipe = ReferenceRecipe(device=str(device))
+    cost = reference_cost(measure_seconds_per_image(model, eval_recs.images, device), len(eval_recs) + len(test_recs),
+                          recipe, n_views)
+    k = affordable_k(config.reference_budget, cost) if _trains_references(device) else 0
+    if k < 2:
+        if log is not None:
+            why = ("" if _trains_references(device) else
+                   f" (runs on {device.type} never train them)")
+            log(f"{victim.name}: no reference models; 2 would take about {cost.seconds * 2 / 60:.0f} min on "
+                f"{device}{why}: `python -m mia references --k 2 --victims {victim.name}`, then run again "
+                f"(LiRA and RMIA join the candidates)")
+        return False
+    if log is not None:
+        log(f"{victim.name}: training {k} reference models (about {k * cost.seconds / 60:.0f} min of the "
+            f"{config.reference_budget / 60:.0f} min budget) on {device}")
+    train_references(bundle.root, victim, dataclasses.replace(recipe, k=k), progress=progress,
+                     arch_dirs=bundle.arch_dirs, trust=config.trust_checkpoints, cache_dir=config.cache_dir)
+    return True
 
 
 @dataclass

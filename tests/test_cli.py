@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mia.check import check_submission
 from mia.cli import _config_from_args, build_parser, main
 from mia.config import RunConfig
-from mia.submission import check_submission
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VICTIMS = ["mobilenetv2_fashionmnist", "resnet34_fashionmnist", "vgg16_fashionmnist"]

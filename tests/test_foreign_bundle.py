@@ -110,6 +110,6 @@ def test_a_warm_run_measures_nothing(foreign_bundle, tmp_path, capsys, monkeypat
         raise AssertionError("measured on a warm run")
 
     monkeypatch.setattr(mia.inspection, "flops_per_image", refuse)
-    monkeypatch.setattr(mia.inspection, "_seconds_per_image", refuse)
+    monkeypatch.setattr(mia.inspection, "measure_seconds_per_image", refuse)
     assert main(args) == 0
     assert "logits cached: nothing to score" in capsys.readouterr().out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mia.submission import check_submission
+from mia.check import check_submission
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "exp.ipynb"

@@ -11,17 +11,18 @@ import pytest
 
 import mia
 from mia import attacks
-from mia.core import thresholds
-from mia.core import signals as sig
-from mia.models.loading import load_victim_model
+from mia.check import check_submission
 from mia.cli import main
 from mia.config import RunConfig
+from mia.core import signals as sig
+from mia.core import thresholds
+from mia.errors import MIAError, SubmissionError
 from mia.io.cache import cached_arrays, file_digest
 from mia.io.records import RECORDS_CACHE_FORMAT, load_records
-from mia.errors import MIAError, SubmissionError
+from mia.models.loading import load_victim_model
 from mia.pipeline import attack_victim, label_noise_queries, run
 from mia.scoring import IDENTITY, compute_logits
-from mia.submission import build_result_json, check_submission, write_run
+from mia.submission import build_result_json, write_run
 
 VICTIMS = ["mobilenetv2_fashionmnist", "resnet34_fashionmnist", "vgg16_fashionmnist"]
 TASKS = [1, 2, 3]

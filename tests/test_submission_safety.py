@@ -19,13 +19,14 @@ import pytest
 
 from mia import plots
 from mia.bundle import discover, select_victims
+from mia.check import check_submission
 from mia.cli import main
 from mia.config import RunConfig
 from mia.errors import BundleError, SubmissionError
 from mia.io import publish
 from mia.io.atomic import atomic_write_bytes
 from mia.pipeline import run
-from mia.submission import check_submission, write_run
+from mia.submission import write_run
 
 VICTIMS = ["mobilenetv2_fashionmnist", "resnet34_fashionmnist", "vgg16_fashionmnist"]
 

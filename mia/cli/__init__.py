@@ -67,6 +67,7 @@ def _run_config(args) -> RunConfig:
         trust_checkpoints=args.trust_checkpoints,
         keep_going=args.keep_going,
         references=not args.no_references,
+        reference_budget=args.reference_budget,
         reference_views=args.reference_views,
         label_noise=_parse_noise_levels(args.label_noise),
         label_noise_draws=args.label_noise_draws,
@@ -101,6 +102,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="when a victim fails, finish the others and report the failures at the end")
     p.add_argument("--no-references", action="store_true",
                    help="ignore reference models under <bundle>/references/ (LiRA/RMIA candidates)")
+    p.add_argument("--reference-budget", type=float, default=d.reference_budget, metavar="SECONDS",
+                   help="on CUDA, a victim without reference models gets as many as this much training allows (at "
+                        f"least 2; 0 = never; default {d.reference_budget:g}); on a CPU the run says what 2 would cost")
     p.add_argument("--reference-views", choices=("identity", "flip", "standard"), default=d.reference_views,
                    help="views the reference models are queried on (default flip: the image and its flip; each "
                         "view costs one scoring pass per reference model)")
@@ -179,7 +183,8 @@ def _run(args, *, write: bool):
         print("no reference models: LiRA / RMIA not used (train them with `python -m mia references`, "
               "see README)")
     if write:
-        from mia.submission import check_submission, write_run
+        from mia.check import check_submission
+        from mia.submission import write_run
 
         written = write_run(result)
         n_npy = sum(1 for k in written if k.endswith(".npy") and not k.startswith("scores/"))
@@ -228,7 +233,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from mia.submission import check_submission
+    from mia.check import check_submission
 
     root = args.bundle if args.bundle is not None else default_bundle(build=False)
     rep = check_submission(root, cache_dir=args.cache_dir)
