@@ -188,3 +188,13 @@ def test_run_options_default_to_run_config():
 
     for command in ("run", "evaluate", "inspect"):
         assert _config_from_args(build_parser().parse_args([command])) == RunConfig()
+
+
+def test_references_option():
+    from mia.cli import _config_from_args, build_parser
+
+    parse = build_parser().parse_args
+    assert _config_from_args(parse(["run", "--references", "auto"])).references
+    assert not _config_from_args(parse(["run", "--references", "off"])).references
+    assert not _config_from_args(parse(["run", "--no-references"])).references
+    assert _config_from_args(parse(["run", "--reference-budget", "60"])).reference_budget == 60.0

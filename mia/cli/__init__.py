@@ -66,7 +66,7 @@ def _run_config(args) -> RunConfig:
         cache_dir=args.cache_dir,
         trust_checkpoints=args.trust_checkpoints,
         keep_going=args.keep_going,
-        references=not args.no_references,
+        references=args.references == "auto" and not args.no_references,
         reference_budget=args.reference_budget,
         reference_views=args.reference_views,
         label_noise=_parse_noise_levels(args.label_noise),
@@ -100,8 +100,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     add_trust_option(p)
     p.add_argument("--keep-going", action="store_true",
                    help="when a victim fails, finish the others and report the failures at the end")
-    p.add_argument("--no-references", action="store_true",
-                   help="ignore reference models under <bundle>/references/ (LiRA/RMIA candidates)")
+    p.add_argument("--references", choices=("auto", "off"), default="auto" if d.references else "off",
+                   help="auto (default): use the reference models under <bundle>/references/ (LiRA/RMIA candidates); "
+                        "a victim without them gets them trained on CUDA within --reference-budget, and on a CPU "
+                        "the run says what they would cost; off: ignore them")
+    p.add_argument("--no-references", action="store_true", help="the same as --references off")
     p.add_argument("--reference-budget", type=float, default=d.reference_budget, metavar="SECONDS",
                    help="on CUDA, a victim without reference models gets as many as this much training allows (at "
                         f"least 2; 0 = never; default {d.reference_budget:g}); on a CPU the run says what 2 would cost")
