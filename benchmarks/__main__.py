@@ -1,6 +1,6 @@
 """``python -m benchmarks``: run the benchmarks and print Markdown tables (optionally save JSON).
 
-    python -m benchmarks [--only scoring,sweep,e2e,precision] [--tiny] [--device auto] [--repeat N] [--json OUT]
+    python -m benchmarks [--only scoring,sweep,e2e,precision,training] [--tiny] [--device auto] [--repeat N] [--json OUT]
 
 ``--tiny`` shrinks every benchmark to a smoke-test size (seconds to a minute); the numbers are then
 only good for checking that everything runs.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from benchmarks import BenchResult, markdown_table, machine_info
 
-BENCHMARKS = ("scoring", "sweep", "e2e", "precision")
-DEFAULT = ("scoring", "sweep", "e2e")  # precision scores a bundle twice (bf16 on a CPU is slow): opt in
+BENCHMARKS = ("scoring", "sweep", "e2e", "precision", "training")
+DEFAULT = ("scoring", "sweep", "e2e")  # precision (bf16 on a CPU is slow) and training: opt in
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +75,13 @@ def run_benchmarks(args: argparse.Namespace, log=print) -> dict[str, BenchResult
             cfg = SweepConfig(repeat=args.repeat, brute_force_cap_s=args.brute_force_cap)
             if args.tiny:
                 cfg.sizes, cfg.brute_force_cap_s = (1_000, 10_000), min(args.brute_force_cap, 2.0)
+            results[name] = run(cfg, log=log)
+        elif name == "training":
+            from benchmarks.bench_training import TrainingConfig, run
+
+            cfg = TrainingConfig(device=args.device, width=args.width, n=args.records)
+            if args.tiny:
+                cfg.n, cfg.width, cfg.sizes = args.records or 32, args.width or 4, (32,)
             results[name] = run(cfg, log=log)
         elif name == "precision":
             from benchmarks.bench_precision import PrecisionConfig, run

@@ -88,7 +88,9 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
     bar = tqdm(range(recipe.epochs), desc=desc, unit="epoch", disable=not progress, leave=True)
     for _ in bar:
         model.train()
-        total_loss, total_correct = 0.0, 0
+        # running figures stay on the device: one host synchronisation per epoch, not per batch
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)
+        total_correct = torch.zeros((), dtype=torch.int64, device=device)
         for batch in epoch_batches(n, recipe.batch_size, generator):
             batch = batch.to(device)
             x, y = x_all[batch], y_all[batch]
@@ -102,9 +104,9 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += float(loss.detach()) * len(batch)
-            total_correct += int((logits.argmax(1) == y).sum())
-        loss_avg, acc = total_loss / n, total_correct / n
+            total_loss += loss.detach().double() * len(batch)
+            total_correct += (logits.detach().argmax(1) == y).sum()
+        loss_avg, acc = float(total_loss) / n, int(total_correct) / n
         bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}")
     model.cpu().float().eval()
     return {"seconds": time.perf_counter() - start, "final_loss": loss_avg, "final_train_acc": acc}

@@ -197,3 +197,25 @@ def test_cli_sweep_json(tmp_path, capsys):
 def test_cli_rejects_unknown_benchmark():
     with pytest.raises(SystemExit):
         bench_main(["--only", "sweeps"])
+
+
+def test_training_benchmark_toy():
+    from benchmarks.bench_training import DEMO_EPOCHS, DEMO_IMAGES, TrainingConfig, run
+
+    res = run(TrainingConfig(archs=("vgg16",), sizes=(32,), n=16, width=2, device="cpu", k=8), log=lambda _: None)
+    (row,) = res.rows
+    assert row["images_per_s"] > 0 and row["n"] == 16 and row["width"] == 2
+    assert row["k8_demo_minutes"] * 60 == pytest.approx(8 * DEMO_IMAGES * DEMO_EPOCHS / row["images_per_s"])
+    assert "training images/s" in res.tables[0]
+
+
+def test_precision_benchmark_on_the_tiny_bundle(tiny_bundle, tmp_path, monkeypatch):
+    from benchmarks.bench_precision import PrecisionConfig, run
+
+    monkeypatch.setenv("MIA_CACHE_DIR", str(tmp_path / "cache"))
+    res = run(PrecisionConfig(bundle=tiny_bundle, victims=("vgg16_fashionmnist",), head_sample=8), log=lambda _: None)
+    tasks = [r for r in res.rows if "task" in r]
+    assert [r["task"] for r in tasks] == ["task1", "task2", "task3"]
+    deltas = [r for r in res.rows if "max_abs_logit_delta" in r]
+    assert 0 < deltas[0]["max_abs_logit_delta"] < 0.1  # bf16 moves the logits a little
+    assert len(res.checks) == 3 and "attack fp32" in res.tables[0]
