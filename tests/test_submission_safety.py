@@ -25,6 +25,7 @@ from mia.config import RunConfig
 from mia.errors import BundleError, SubmissionError
 from mia.io import publish
 from mia.io.atomic import atomic_write_bytes
+from mia.io.cache import CACHE_DIR_ENV
 from mia.pipeline import run
 from mia.submission import write_run
 
@@ -43,6 +44,15 @@ def _small_figure(fig, path, dpi=110):
 @pytest.fixture(autouse=True)
 def _small_figures(monkeypatch):
     monkeypatch.setattr(plots, "save_figure", _small_figure)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_cache(tmp_path_factory):
+    """This module's own cache: figures here are drawn small (``_small_figure``), and a real figure another
+    test left in the session's cache under the same key would make a redrawn one differ from it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_DIR_ENV, str(tmp_path_factory.mktemp("safety-cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
