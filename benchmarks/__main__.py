@@ -1,6 +1,6 @@
 """``python -m benchmarks``: run the benchmarks and print Markdown tables (optionally save JSON).
 
-    python -m benchmarks [--only scoring,sweep,e2e,precision,training] [--tiny] [--device auto] [--repeat N] [--json OUT]
+    python -m benchmarks [--only scoring,sweep,e2e,precision,training,attacks] [--tiny] [--device auto] [--repeat N] [--json OUT]
 
 ``--tiny`` shrinks every benchmark to a smoke-test size (seconds to a minute); the numbers are then
 only good for checking that everything runs.
@@ -15,10 +15,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import BenchResult, markdown_table, machine_info
+from benchmarks import BenchResult, machine_info, markdown_table
 
-BENCHMARKS = ("scoring", "sweep", "e2e", "precision", "training")
-DEFAULT = ("scoring", "sweep", "e2e")  # precision (bf16 on a CPU is slow) and training: opt in
+BENCHMARKS = ("scoring", "sweep", "e2e", "precision", "training", "attacks")
+DEFAULT = ("scoring", "sweep", "e2e")  # precision (bf16 on a CPU is slow), training, attacks: opt in
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +76,15 @@ def run_benchmarks(args: argparse.Namespace, log=print) -> dict[str, BenchResult
             if args.tiny:
                 cfg.sizes, cfg.brute_force_cap_s = (1_000, 10_000), min(args.brute_force_cap, 2.0)
             results[name] = run(cfg, log=log)
+        elif name == "attacks":
+            import tempfile
+
+            from benchmarks.bench_attacks import AttacksConfig, run
+            from benchmarks.bench_end_to_end import EndToEndConfig, resolve_bundle
+
+            bundle, _ = resolve_bundle(EndToEndConfig(bundle=args.bundle, tiny=args.tiny),
+                                       Path(tempfile.mkdtemp(prefix="mia-attacks-")), log=log)
+            results[name] = run(AttacksConfig(bundle=bundle, device=args.device), log=log)
         elif name == "training":
             from benchmarks.bench_training import TrainingConfig, run
 
@@ -84,11 +93,10 @@ def run_benchmarks(args: argparse.Namespace, log=print) -> dict[str, BenchResult
                 cfg.n, cfg.width, cfg.sizes = args.records or 32, args.width or 4, (32,)
             results[name] = run(cfg, log=log)
         elif name == "precision":
-            from benchmarks.bench_precision import PrecisionConfig, run
-
             import tempfile
 
             from benchmarks.bench_end_to_end import EndToEndConfig, resolve_bundle
+            from benchmarks.bench_precision import PrecisionConfig, run
 
             bundle, _ = resolve_bundle(EndToEndConfig(bundle=args.bundle, tiny=args.tiny),
                                        Path(tempfile.mkdtemp(prefix="mia-precision-")), log=log)

@@ -219,3 +219,22 @@ def test_precision_benchmark_on_the_tiny_bundle(tiny_bundle, tmp_path, monkeypat
     deltas = [r for r in res.rows if "max_abs_logit_delta" in r]
     assert 0 < deltas[0]["max_abs_logit_delta"] < 0.1  # bf16 moves the logits a little
     assert len(res.checks) == 3 and "attack fp32" in res.tables[0]
+
+
+@pytest.mark.slow
+def test_attacks_benchmark_with_and_without_references(tiny_bundle, copy_bundle, tmp_path, monkeypatch):
+    from benchmarks.bench_attacks import AttacksConfig, run
+    from mia.bundle import discover
+    from mia.references import ReferenceRecipe, train_references
+
+    monkeypatch.setenv("MIA_CACHE_DIR", str(tmp_path / "cache"))
+    root = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    victim = discover(root, victims=["vgg16_fashionmnist"]).victims[0]
+    train_references(root, victim, ReferenceRecipe(k=2, epochs=1, batch_size=16, device="cpu"), progress=False)
+    res = run(AttacksConfig(bundle=root, device="cpu", victims=("vgg16_fashionmnist",)), log=lambda _: None)
+    ks = {(r["access"], r["k"]) for r in res.rows}
+    assert ks == {("posterior", 0), ("posterior", 2), ("label", 0), ("label", 2)}
+    names = [r["attack"] for r in res.rows if r["k"] == 2 and r["access"] == "posterior"]
+    assert names[0].startswith("ours: ") and {"lira_online", "lira_offline", "rmia"} <= set(names)
+    assert all(r["training_s"] > 0 for r in res.rows if r["k"] == 2)
+    assert all(0 <= r["auc"] <= 1 for r in res.rows)

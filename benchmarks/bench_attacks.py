@@ -1,0 +1,84 @@
+"""Attack quality at each reference budget: the seed's method, ours without references, and with the
+reference models the bundle holds (ours and each reference attack alone), on test against the answer key.
+
+Runs the pipeline twice on a bundle with an answer key (``answers/``): references off (K = 0), then on
+(K = the complete reference models of each victim, see ``mia references``), the attack always chosen on
+eval. Prints per victim and access level: test accuracy, AUC, TPR at 1% and 0.1% FPR, and the training
+time the references cost (from their ``model_*.json``). Noisy label-only queries are off by default:
+the references would have to answer 32 per record, which on a CPU costs more than the rest together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks import BenchResult, markdown_table
+from mia.config import RunConfig
+from mia.pipeline import run as run_pipeline
+from mia.report import REFERENCE_ATTACKS
+
+METRICS = ("accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_01pct_fpr")
+
+
+@dataclass
+class AttacksConfig:
+    """What the attack benchmark runs on."""
+
+    bundle: Path  # with answers/ and, for K > 0, references/<victim>/
+    device: str = "auto"
+    label_noise: tuple[float, ...] = ()  # RunConfig.label_noise of both runs
+    victims: tuple[str, ...] | None = None
+
+
+def _training_seconds(bundle: Path, victim: str) -> float:
+    """Seconds the victim's complete reference models took to train (their model_*.json)."""
+    total = 0.0
+    for meta in sorted((bundle / "references" / victim).glob("model_*.json")):
+        try:
+            total += float(json.loads(meta.read_text()).get("seconds") or 0.0)
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def _row(victim: str, access: str, k: int, attack: str, test: dict, seconds: float) -> dict:
+    return {"victim": victim, "access": access, "k": k, "attack": attack, "training_s": seconds,
+            **{m: test[m] for m in METRICS}}
+
+
+def run(cfg: AttacksConfig, log=print) -> BenchResult:
+    base = RunConfig(device=cfg.device, label_noise=cfg.label_noise, plots=False, victims=cfg.victims,
+                     reference_budget=0.0)
+    rows = []
+    for references in (False, True):
+        result = run_pipeline(cfg.bundle, dataclasses.replace(base, references=references), progress=False,
+                              log=lambda _: None)
+        seen = set()
+        for o in result.outcomes:
+            data = result.victims[o.victim]
+            key = (o.victim, o.task.access)
+            if key in seen or o.used.chosen_report.test is None:
+                continue
+            seen.add(key)
+            k = data.n_reference_models
+            if references and k == 0:
+                continue  # no references: the K = 0 row says it all
+            seconds = _training_seconds(Path(cfg.bundle), o.victim) if k else 0.0
+            if not references:
+                rows.append(_row(o.victim, o.task.access, 0, f"seed: {o.seed.chosen}", o.seed.chosen_report.test, 0.0))
+            rows.append(_row(o.victim, o.task.access, k, f"ours: {o.used.chosen}", o.used.chosen_report.test, seconds))
+            if references:
+                by_name = {c.name: c for c in o.used.candidates}
+                rows += [_row(o.victim, o.task.access, k, name, by_name[name].test, seconds)
+                         for name in REFERENCE_ATTACKS if name in by_name and by_name[name].test is not None]
+        log(f"attacks: references {'on' if references else 'off'} done")
+    table = markdown_table(
+        ["victim", "access", "K", "attack", "test acc %", "AUC %", "TPR@1% %", "TPR@0.1% %", "training s"],
+        [[r["victim"], r["access"], str(r["k"]), r["attack"], *(f"{100 * r[m]:.1f}" for m in METRICS),
+          f"{r['training_s']:.0f}"] for r in rows])
+    return BenchResult("attacks", rows, ["### Attacks by reference budget (test set, answer key)\n\n" + table],
+                       notes=[(f"label-only noisy queries {'off' if not cfg.label_noise else cfg.label_noise}; "
+                               "K = the complete reference models each victim has under references/")],
+                       settings={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
