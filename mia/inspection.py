@@ -25,7 +25,7 @@ from mia.devices import resolve_device
 from mia.scoring import CPU_FORWARD_IMAGES, VIEW_SETS
 
 __all__ = ["BundleSummary", "VictimSummary", "flops_per_image", "inspect_bundle", "load_victim",
-           "measure_seconds_per_image", "summarize_victim", "total_line"]
+           "format_duration", "measure_seconds_per_image", "summarize_victim", "total_line"]
 
 
 @dataclass
@@ -58,7 +58,7 @@ class VictimSummary:
         views, noisy = self.queries_per_record
         flops = "" if self.flops_per_image is None else f", {self.flops_per_image / 1e6:,.1f} MFLOPs per {h}x{w} image"
         cost = ("logits cached: nothing to score" if self.seconds_per_image is None else
-                f"about {_duration(self.estimated_seconds)} on {self.device} "
+                f"about {format_duration(self.estimated_seconds)} on {self.device} "
                 f"({1 / self.seconds_per_image:,.0f} images/s measured)")
         return [
             f"{self.name}: {self.builder}",
@@ -84,7 +84,8 @@ class BundleSummary:
         return sum(v.estimated_seconds for v in self.victims)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """'45 s', '12 min' or '1.5 h'."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
@@ -202,5 +203,5 @@ def inspect_bundle(bundle: Bundle | str | Path, config: RunConfig | None = None,
 
 def total_line(summary: BundleSummary) -> str:
     """One line: the planned scoring time of every victim together."""
-    return (f"total: about {_duration(summary.estimated_seconds)} of scoring for {len(summary.victims)} victim(s) on "
+    return (f"total: about {format_duration(summary.estimated_seconds)} of scoring for {len(summary.victims)} victim(s) on "
             f"{summary.victims[0].device if summary.victims else '-'} (reference models, if any, come on top)")

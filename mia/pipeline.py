@@ -21,7 +21,7 @@ from mia.devices import resolve_device
 from mia.io.cache import cache_root
 from mia.io.records import Records
 from mia.errors import DataError, MIAError
-from mia.inspection import load_victim, measure_seconds_per_image, summarize_victim
+from mia.inspection import format_duration, load_victim, measure_seconds_per_image, summarize_victim
 from mia.models.loading import VictimModelInfo, builder_key
 from mia.models.registry import REPO_ARCH_DIR
 from mia.scoring import VIEW_SETS, View, cached_logits, compute_logits, logits_cache_path, noise_views, precision_tag
@@ -132,8 +132,11 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         if noise_queries:
             planned += [entry(s, r, noise_queries, " noisy") for s, r in (("eval", eval_recs), ("test", test_recs))]
         measure = any(p is None or not p.is_file() for p in planned)
-        log("\n".join(summarize_victim(victim, model, info, eval_recs, test_recs, config, bundle.root,
-                                       measure=measure).lines()))
+        summary = summarize_victim(victim, model, info, eval_recs, test_recs, config, bundle.root, measure=measure)
+        seconds_per_image = summary.seconds_per_image
+        log("\n".join(summary.lines()))
+    else:
+        seconds_per_image = None
 
     def scores(split: str, recs: Records, queries, suffix: str = "", labels_only: bool = False):
         """(logits (V, n, C), or labels (V, n) with labels_only; cache hit) of the model on these records."""
@@ -184,7 +187,7 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
                                    cache=config.cache, cache_dir=config.cache_dir)
         ref = victim_reference_features(bundle.root, victim, answers, options)
         if ref is None and _train_missing_references(victim, bundle, config, model, eval_recs, test_recs, len(idx),
-                                                     progress, log):
+                                                     seconds_per_image, progress, log):
             ref = victim_reference_features(bundle.root, victim, answers, options)
         if ref is not None:  # the label-only features come from the victim's predicted labels only
             data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k
@@ -205,30 +208,42 @@ def _trains_references(device) -> bool:
 
 
 def _train_missing_references(victim: Victim, bundle: Bundle, config: RunConfig, model, eval_recs: Records,
-                              test_recs: Records, n_views: int, progress: bool, log) -> bool:
+                              test_recs: Records, n_views: int, seconds_per_image: float | None, progress: bool,
+                              log) -> bool:
     """A victim without reference models: on CUDA, train as many as ``config.reference_budget`` allows (at
-    least 2; returns True when it trained); elsewhere log what 2 would cost here and how to train them."""
+    least 2; returns True when it trained); elsewhere log how to train 2 and, when this run measured the
+    victim's forward time (``seconds_per_image``: it had something to score), what they would cost. A warm
+    CPU run times no forward pass for it."""
     from mia.references import ReferenceRecipe, train_references
     from mia.references.budget import affordable_k, reference_cost
 
     device = resolve_device(config.device)
-    if log is None and not _trains_references(device):
-        return False  # nothing to say to nobody: no forward pass timed
+    trains = _trains_references(device) and config.reference_budget > 0
+    if not trains:
+        if log is not None:
+            command = f"`python -m mia references --k 2 --victims {victim.name}`"
+            if seconds_per_image is None:  # nothing was scored: no forward pass timed for an estimate
+                cost = f"{command} trains 2 (`mia inspect` estimates their cost)"
+            else:
+                seconds = 2 * reference_cost(seconds_per_image, len(eval_recs) + len(test_recs), ReferenceRecipe(),
+                                             n_views).seconds
+                cost = f"2 would take about {format_duration(seconds)} on {device}: {command}"
+            log(f"{victim.name}: no reference models; {cost}, then run again (LiRA and RMIA join the candidates)")
+        return False
     recipe = ReferenceRecipe(device=str(device))
-    cost = reference_cost(measure_seconds_per_image(model, eval_recs.images, device), len(eval_recs) + len(test_recs),
-                          recipe, n_views)
-    k = affordable_k(config.reference_budget, cost) if _trains_references(device) else 0
+    if seconds_per_image is None:
+        seconds_per_image = measure_seconds_per_image(model, eval_recs.images, device)
+    cost = reference_cost(seconds_per_image, len(eval_recs) + len(test_recs), recipe, n_views)
+    k = affordable_k(config.reference_budget, cost)
     if k < 2:
         if log is not None:
-            why = ("" if _trains_references(device) else
-                   f" (runs on {device.type} never train them)")
-            log(f"{victim.name}: no reference models; 2 would take about {cost.seconds * 2 / 60:.0f} min on "
-                f"{device}{why}: `python -m mia references --k 2 --victims {victim.name}`, then run again "
-                f"(LiRA and RMIA join the candidates)")
+            log(f"{victim.name}: no reference models; 2 would take about {format_duration(2 * cost.seconds)} on {device}, "
+                f"more than --reference-budget {config.reference_budget:g} s: `python -m mia references --k 2 "
+                f"--victims {victim.name}`")
         return False
     if log is not None:
-        log(f"{victim.name}: training {k} reference models (about {k * cost.seconds / 60:.0f} min of the "
-            f"{config.reference_budget / 60:.0f} min budget) on {device}")
+        log(f"{victim.name}: training {k} reference models (about {format_duration(k * cost.seconds)} of the "
+            f"{format_duration(config.reference_budget)} budget) on {device}")
     train_references(bundle.root, victim, dataclasses.replace(recipe, k=k), progress=progress,
                      arch_dirs=bundle.arch_dirs, trust=config.trust_checkpoints, cache_dir=config.cache_dir)
     return True

@@ -182,9 +182,6 @@ def _run(args, *, write: bool):
     bundle = args.bundle if args.bundle is not None else default_bundle(progress=not args.quiet)
     print(f"bundle: {Path(bundle).resolve()}")
     result = run(bundle, config, progress=not args.quiet)
-    if config.references and result.victims and not any(d.n_reference_models for d in result.victims.values()):
-        print("no reference models: LiRA / RMIA not used (train them with `python -m mia references`, "
-              "see README)")
     if write:
         from mia.check import check_submission
         from mia.submission import write_run
