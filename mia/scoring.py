@@ -192,7 +192,7 @@ def _forward_views(model: torch.nn.Module, images: np.ndarray, views: tuple[View
     bar = tqdm(starts, desc=progress if isinstance(progress, str) else "scoring", unit="batch",
                disable=not progress, leave=False)
     for start in bar:
-        x = x_all[start : start + batch_size].to(dev)  # a no-op on CUDA
+        x = x_all[start : start + batch_size]  # already on the device
         batch = torch.cat([apply_view(x, v) for v in views])  # (V*B, C, H, W): one forward for all views
         batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):

@@ -553,9 +553,8 @@ def _legacy_storage(data: bytes, path: Path | None) -> torch.storage.TypedStorag
     header = f.read(8)
     if len(header) != 8 or struct.unpack("<q", header)[0] != ref.numel:
         malformed(f"its data does not start with its element count {ref.numel}")
-    itemsize = torch.empty((), dtype=ref.dtype).element_size()
     payload = f.read()
-    if len(payload) != ref.numel * itemsize:
+    if len(payload) != ref.numel * ref.dtype.itemsize:
         malformed(f"{len(payload)} bytes of data for {ref.numel} elements of {ref.dtype}")
     raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
     return torch.storage.TypedStorage(wrap_storage=raw.untyped_storage(), dtype=ref.dtype, _internal=True)
