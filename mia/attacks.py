@@ -56,9 +56,9 @@ def posterior_features(logits: np.ndarray, labels: np.ndarray, view_names: list[
 
 
 def is_view_input(name: str) -> bool:
-    """A per-view or per-noise-level feature (``view{v}_lsc``, ``sigma{s}_correct``): an input of the
-    learned attacks only, never thresholded alone."""
-    return name.startswith(("view", "sigma"))
+    """A per-view or per-noise-level feature (``view{v}_lsc``, ``sigma{s}_correct``) or a reference
+    model's expectation (``ref_out_lsc``): an input of the learned attacks only, never thresholded alone."""
+    return name.startswith(("view", "sigma", "ref_"))
 
 
 def _integer_predictions(predicted, n: int, what: str) -> np.ndarray:
@@ -327,7 +327,7 @@ def strong_posterior_candidates(feature_names: list[str]) -> tuple[Candidate, ..
 
 #: Label-only signals thresholded alone (those a run has), in this order.
 LABEL_ONLY_SIGNALS = ("correctness", "aug_correct_count", "noise_correct", "calibrated_aug_count", "label_lira",
-                      "calibrated_noise_correct", "noise_lira")
+                      "calibrated_noise_correct", "noise_lira", "noise_rate_lr")
 
 
 def strong_label_only_candidates(feature_names: list[str]) -> tuple[Candidate, ...]:

@@ -63,7 +63,10 @@ class RunConfig:
     keep_going: bool = False  # on a failing victim, finish the others and report the failure
     references: bool = True  # use reference models under <bundle>/references/ when present (LiRA, RMIA)
     reference_budget: float = 600.0  # seconds of reference-model training a run on CUDA may spend on a victim that
-    #   has none (as many models as fit, at least 2); 0 = never. On a CPU the run only says what 2 would cost
+    #   has none (as many models as fit: 1, or an even number); 0 = never. On a CPU the run only says what one
+    #   would cost
+    reference_models: int | None = None  # use at most this many of a victim's complete reference models (the
+    #   first ones); None = all. Measures an attack at a smaller budget without retraining
     reference_views: str = "flip"  # views the references are queried on (those of `views` in this set): each
     #   reference model costs one victim scoring per view, so CPU runs keep image + flip (as LiRA does)
     label_noise: tuple[float, ...] = (0.1, 0.15)  # label-only noisy queries: noise levels in units of the eval
@@ -80,6 +83,10 @@ class RunConfig:
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if not self.reference_budget >= 0:
             raise ValueError(f"reference_budget must be >= 0 seconds, got {self.reference_budget}")
+        if self.reference_models is not None and (isinstance(self.reference_models, bool)
+                                                  or not isinstance(self.reference_models, int)
+                                                  or self.reference_models < 1):
+            raise ValueError(f"reference_models must be a positive int or None, got {self.reference_models!r}")
         if self.reference_views not in ("identity", "flip", "standard"):
             raise ValueError(f"reference_views must be 'identity', 'flip' or 'standard', got {self.reference_views!r}")
         self.label_noise = tuple(float(s) for s in self.label_noise)

@@ -46,6 +46,7 @@ class VictimData:
     reference_label: dict[str, dict[str, np.ndarray]] | None = None  # label-only reference features per split
     n_reference_models: int = 0
     rmia_a: float | None = None  # RMIA's offline a as used (tuned on eval)
+    laplace_prior: float | None = None  # the last-layer Laplace attack's prior scale as used (tuned on eval)
     reference_sanity: list[dict] = field(default_factory=list)  # per reference: its held-out accuracy and the
     #   victim's on the same records (mia.references.attacks.reference_sanity)
     noise_levels: list[float] = field(default_factory=list)  # noise level (config.label_noise units) of each noisy query
@@ -184,14 +185,14 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
                                 data.eval_noise_labels if noisy else None, data.test_noise_labels if noisy else None,
                                 tuple(data.noise_view_names) if noisy else None, eval_membership=eval_recs.membership)
         options = ReferenceOptions(device=config.device, batch_size=config.batch_size, progress=progress,
-                                   cache=config.cache, cache_dir=config.cache_dir)
+                                   cache=config.cache, cache_dir=config.cache_dir, max_models=config.reference_models)
         ref = victim_reference_features(bundle.root, victim, answers, options)
         if ref is None and _train_missing_references(victim, bundle, config, model, eval_recs, test_recs, len(idx),
                                                      seconds_per_image, progress, log):
             ref = victim_reference_features(bundle.root, victim, answers, options)
         if ref is not None:  # the label-only features come from the victim's predicted labels only
             data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k
-            data.rmia_a, data.reference_sanity = ref.rmia_a, ref.sanity
+            data.rmia_a, data.reference_sanity, data.laplace_prior = ref.rmia_a, ref.sanity, ref.laplace_prior
             for row in ref.sanity:
                 if row["mismatched"] and log is not None:
                     log(f"warning: {victim.name}: reference model {row['model']} reaches "
@@ -211,7 +212,7 @@ def _train_missing_references(victim: Victim, bundle: Bundle, config: RunConfig,
                               test_recs: Records, n_views: int, seconds_per_image: float | None, progress: bool,
                               log) -> bool:
     """A victim without reference models: on CUDA, train as many as ``config.reference_budget`` allows (at
-    least 2; returns True when it trained); elsewhere log how to train 2 and, when this run measured the
+    least 1; returns True when it trained); elsewhere log how to train 1 and, when this run measured the
     victim's forward time (``seconds_per_image``: it had something to score), what they would cost. A warm
     CPU run times no forward pass for it."""
     from mia.references import ReferenceRecipe, train_references
@@ -221,13 +222,13 @@ def _train_missing_references(victim: Victim, bundle: Bundle, config: RunConfig,
     trains = _trains_references(device) and config.reference_budget > 0
     if not trains:
         if log is not None:
-            command = f"`python -m mia references --k 2 --victims {victim.name}`"
+            command = f"`python -m mia references --k 1 --victims {victim.name}`"
             if seconds_per_image is None:  # nothing was scored: no forward pass timed for an estimate
-                cost = f"{command} trains 2 (`mia inspect` estimates their cost)"
+                cost = f"{command} trains one (`mia inspect` estimates its cost)"
             else:
-                seconds = 2 * reference_cost(seconds_per_image, len(eval_recs) + len(test_recs), ReferenceRecipe(),
+                seconds = reference_cost(seconds_per_image, len(eval_recs) + len(test_recs), ReferenceRecipe(),
                                              n_views).seconds
-                cost = f"2 would take about {format_duration(seconds)} on {device}: {command}"
+                cost = f"one would take about {format_duration(seconds)} on {device}: {command}"
             log(f"{victim.name}: no reference models; {cost}, then run again (LiRA and RMIA join the candidates)")
         return False
     recipe = ReferenceRecipe(device=str(device))
@@ -235,10 +236,10 @@ def _train_missing_references(victim: Victim, bundle: Bundle, config: RunConfig,
         seconds_per_image = measure_seconds_per_image(model, eval_recs.images, device)
     cost = reference_cost(seconds_per_image, len(eval_recs) + len(test_recs), recipe, n_views)
     k = affordable_k(config.reference_budget, cost)
-    if k < 2:
+    if k < 1:
         if log is not None:
-            log(f"{victim.name}: no reference models; 2 would take about {format_duration(2 * cost.seconds)} on {device}, "
-                f"more than --reference-budget {config.reference_budget:g} s: `python -m mia references --k 2 "
+            log(f"{victim.name}: no reference models; one would take about {format_duration(cost.seconds)} on {device}, "
+                f"more than --reference-budget {config.reference_budget:g} s: `python -m mia references --k 1 "
                 f"--victims {victim.name}`")
         return False
     if log is not None:

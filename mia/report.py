@@ -95,8 +95,8 @@ def comparison_table(result) -> str:
     return "\n".join([table] + notes)
 
 
-REFERENCE_ATTACKS = ("lira_online", "lira_offline", "rmia", "calibrated_aug_count", "label_lira", "calibrated_noise_correct",
-                     "noise_lira")
+REFERENCE_ATTACKS = ("lira_online", "lira_offline", "rmia", "bmia", "bmia_online", "calibrated_aug_count", "label_lira", "calibrated_noise_correct",
+                     "noise_lira", "noise_rate_lr")
 
 
 def reference_table(result) -> str | None:

@@ -18,17 +18,18 @@ def test_reference_cost_by_hand():
     assert cost.query_seconds == pytest.approx(4.0) and cost.seconds == cost.train_seconds + 4.0
 
 
-@pytest.mark.parametrize(("budget", "k"), [(0, 0), (19.9, 0), (20, 2), (39, 2), (59, 4), (60, 6), (1e9, 16)])
-def test_affordable_k_is_even_and_fits(budget, k):
+@pytest.mark.parametrize(("budget", "k"), [(0, 0), (9.9, 0), (10, 1), (19.9, 1), (20, 2), (39, 2), (59, 4), (60, 6),
+                                          (1e9, 16)])
+def test_affordable_k_is_one_or_even_and_fits(budget, k):
     assert affordable_k(budget, ReferenceCost(9.0, 1.0)) == k
 
 
-def test_a_cpu_run_says_what_two_references_would_cost(tiny_bundle, tmp_path):
+def test_a_cpu_run_says_what_one_reference_would_cost(tiny_bundle, tmp_path):
     lines = []
     mia.pipeline.run(tiny_bundle, RunConfig(victims=("vgg16_fashionmnist",), plots=False, label_noise=(),
                                             cache_dir=str(tmp_path / "cache")), progress=False, log=lines.append)
     line = next(x for x in lines if "no reference models" in x)
-    assert "2 would take about" in line and "python -m mia references --k 2 --victims vgg16_fashionmnist" in line
+    assert "one would take about" in line and "python -m mia references --k 1 --victims vgg16_fashionmnist" in line
 
 
 def test_an_accelerated_run_trains_what_the_budget_allows(tiny_bundle, copy_bundle, tmp_path, monkeypatch):

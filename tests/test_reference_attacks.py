@@ -22,6 +22,7 @@ from mia.core.reference_stats import (
     rmia_log_ratios,
     rmia_scores,
 )
+from mia.core.laplace import PRIOR_SCALES
 from mia.references.attacks import ReferenceOptions, VictimAnswers, victim_reference_features
 from mia.references import ReferenceRecipe, load_reference_set, make_masks, reference_logits, train_references
 from mia.scoring import FLIP, IDENTITY, compute_logits, noise_views
@@ -40,7 +41,7 @@ def _log_normal(x, mu, var):
 
 
 def test_lira_per_record_variance_by_hand():
-    fit = fit_gaussians(REF, MASK, global_variance=False)
+    fit = fit_gaussians(REF, MASK, global_variance=False, shared_shift=False)
     np.testing.assert_allclose(fit.mu_in, [[3.0, 8.0]])
     np.testing.assert_allclose(fit.var_in, [[2.0, 2.0]])
     np.testing.assert_allclose(fit.mu_out, [[0.5, 3.0]])
@@ -55,7 +56,7 @@ def test_lira_per_record_variance_by_hand():
 
 
 def test_lira_global_variance_by_hand_and_auto():
-    fit = fit_gaussians(REF, MASK, global_variance=True)
+    fit = fit_gaussians(REF, MASK, global_variance=True, shared_shift=False)
     # squared deviations from the group means: IN (1 + 1) + (1 + 1), OUT (0.25 + 0.25) + (4 + 4);
     # 12.5 over 8 values - 4 group means = 4 degrees of freedom: 3.125, shared by IN and OUT
     np.testing.assert_allclose(fit.var_in, [[3.125, 3.125]])
@@ -65,9 +66,20 @@ def test_lira_global_variance_by_hand_and_auto():
     expected1 = _log_normal(8, 8, 3.125) - _log_normal(8, 3, 3.125)  # = 5^2 / 6.25 = 4
     np.testing.assert_allclose(online, [expected0, expected1], rtol=1e-12)
     np.testing.assert_allclose(online, [1.0, 4.0], rtol=1e-12)
-    auto = fit_gaussians(REF, MASK)  # K = 4 < 16: global
+    auto = fit_gaussians(REF, MASK, shared_shift=False)  # K = 4 < 16: global
     assert auto.global_variance and not fit_gaussians(REF, MASK, global_variance=False).global_variance
     np.testing.assert_allclose(lira_online(TARGET, auto), online)
+
+
+def test_lira_shared_shift_by_hand():
+    # group means: record 0 IN 3, OUT 0.5; record 1 IN 8, OUT 3; average shift ((3 - 0.5) + (8 - 3)) / 2 = 3.75
+    fit = fit_gaussians(REF, MASK, shared_shift=True)
+    # record 0: OUT values 0, 1 and IN values 2, 4 moved by -3.75: (0 + 1 - 1.75 + 0.25) / 4 = -0.125
+    # record 1: (5 + 1 + 3.25 + 5.25) / 4 = 3.625
+    np.testing.assert_allclose(fit.mu_out, [[-0.125, 3.625]])
+    np.testing.assert_allclose(fit.mu_in, [[3.625, 7.375]])
+    np.testing.assert_allclose(fit_gaussians(REF, MASK).mu_out, fit.mu_out)  # K = 4 < 16: shared by default
+    assert not np.allclose(fit_gaussians(REF, MASK, shared_shift=False).mu_out, fit.mu_out)
 
 
 def test_lira_sums_over_views():
@@ -82,8 +94,8 @@ def test_lira_uses_only_each_records_own_in_and_out_models():
     changed = REF.copy()
     changed[2, 0, 1] = 100.0  # model 2 is OUT for record 1: only record 1's OUT fit may move
     changed[0, 0, 1] = -50.0  # model 0 is OUT for record 1 too
-    a = fit_gaussians(REF, MASK, global_variance=False)
-    b = fit_gaussians(changed, MASK, global_variance=False)
+    a = fit_gaussians(REF, MASK, global_variance=False, shared_shift=False)
+    b = fit_gaussians(changed, MASK, global_variance=False, shared_shift=False)
     np.testing.assert_array_equal(a.mu_in, b.mu_in)
     assert a.mu_out[0, 0] == b.mu_out[0, 0] and a.mu_out[0, 1] != b.mu_out[0, 1]
 
@@ -100,6 +112,21 @@ def test_lira_orientation_and_missing_group():
     # no IN model: the pooled variance; record 2's OUT values 1, 2, 3, 6 (mean 3) add
     # 4 + 1 + 0 + 9 = 14 to the 12.5 above and 3 degrees of freedom to the 4
     assert fit3.var_in[0, 2] == pytest.approx((12.5 + 14.0) / 7)
+
+
+def test_lira_with_one_reference_model_by_hand():
+    # K = 1: records 0 and 1 are IN for the model (phi 4 and 6), records 2 and 3 OUT (phi 1 and 3)
+    ref = np.array([[[4.0, 6.0, 1.0, 3.0]]])
+    mask = np.array([[True, True, False, False]])
+    fit = fit_gaussians(ref, mask)
+    shift = (4.0 + 6.0) / 2 - (1.0 + 3.0) / 2  # mean over IN records - mean over OUT records = 3
+    np.testing.assert_allclose(fit.mu_in, [[4.0, 6.0, 1.0 + shift, 3.0 + shift]])
+    np.testing.assert_allclose(fit.mu_out, [[4.0 - shift, 6.0 - shift, 1.0, 3.0]])
+    # no degrees of freedom within a record: the spread of all four values (population variance 3.25)
+    np.testing.assert_allclose(fit.var_out, np.full((1, 4), 3.25))
+    assert np.isfinite(lira_online(np.zeros((1, 4)), fit)).all()
+    with pytest.raises(ValueError, match="IN for a reference model while another is OUT"):
+        fit_gaussians(ref, np.ones((1, 4), bool))
 
 
 def test_lira_rejects_bad_shapes():
@@ -125,6 +152,17 @@ def test_rmia_ratio_by_hand():
     target2 = np.log([[0.8], [0.6]])
     ref2 = np.log(np.array([[0.3, 0.5], [0.99, 0.99], [0.7, 0.5]]))[:, :, None]  # per-model view means 0.4, 0.6
     np.testing.assert_allclose(np.exp(rmia_log_ratios(target2, ref2, mask, a=0.3)), [0.7 / 0.675])
+
+
+def test_rmia_record_without_out_model_inverts_the_offline_model():
+    # one IN model with p_IN = 0.93; a = 0.3: p_OUT = (0.93 - 0.7) / 0.3 = 0.7666..., p(x) = (0.93 + p_OUT) / 2
+    target, ref, mask = np.log([[0.9]]), np.log([[[0.93]]]), np.array([[True]])
+    p_out = (0.93 - 0.7) / 0.3
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target, ref, mask, a=0.3)), [0.9 / ((0.93 + p_out) / 2)])
+    # p_IN below 1 - a: p_OUT clips to 0; a = 0 says nothing of p_OUT: 0 too; a = 1: p_OUT = p_IN
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target, np.log([[[0.5]]]), mask, a=0.3)), [0.9 / 0.25])
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target, ref, mask, a=0.0)), [0.9 / 0.465])
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target, ref, mask, a=1.0)), [0.9 / 0.93])
 
 
 def test_rmia_dominance_on_five_records_by_hand():
@@ -228,16 +266,22 @@ def test_reference_features_end_to_end(bundle, tmp_path):
     feats, label_only = both.posterior, both.label_only
     assert set(feats) == {"eval", "test"}
     for split, n in (("eval", 32), ("test", 32)):
-        assert set(feats[split]) == {"lira_online", "lira_offline", "rmia"}
+        assert set(feats[split]) == {"lira_online", "lira_offline", "rmia", "bmia", "bmia_online", "ref_out_lsc"}
         for values in feats[split].values():
             assert values.shape == (n,) and values.dtype == np.float64 and np.isfinite(values).all()
         assert (0 <= feats[split]["rmia"]).all() and (feats[split]["rmia"] <= 1).all()
     assert set(label_only["eval"]) == {"calibrated_aug_count", "label_lira"}
     assert both.rmia_a == 0.3 and both.sanity == []  # without the eval membership: the paper's a, no check
+    assert both.laplace_prior == PRIOR_SCALES[0]  # ... and the first prior scale
     membership = load_records(victim.eval_path, with_membership=True).membership
     tuned = victim_reference_features(bundle.root, victim, dataclasses.replace(answers, eval_membership=membership),
                                       options)
     assert 0.0 <= tuned.rmia_a <= 1.0 and [r["model"] for r in tuned.sanity] == [0, 1, 2, 3]
+    assert tuned.laplace_prior in PRIOR_SCALES
+    one = victim_reference_features(bundle.root, victim, answers, dataclasses.replace(options, max_models=1))
+    assert one.k == 1 and all(np.isfinite(v).all() for v in one.posterior["test"].values())
+    without = victim_reference_features(bundle.root, victim, answers, dataclasses.replace(options, laplace=False))
+    assert set(without.posterior["eval"]) == {"lira_online", "lira_offline", "rmia", "ref_out_lsc"} and without.laplace_prior is None
     assert all(0 <= r["reference_accuracy"] <= 1 and r["records"] > 0 for r in tuned.sanity)
     np.testing.assert_array_equal(tuned.posterior["eval"]["lira_online"], feats["eval"]["lira_online"])
     assert label_only["eval"]["calibrated_aug_count"].shape == (32,)
@@ -367,3 +411,24 @@ def test_reference_sanity_compares_on_the_same_held_out_records():
     assert [r["records"] for r in rows] == [3, 3]
     assert rows[0]["reference_accuracy"] == 1.0 and rows[0]["victim_accuracy"] == pytest.approx(2 / 3)
     assert all(r["mismatched"] for r in rows)  # 33 points apart
+
+
+def test_grouped_rate_llr_by_hand():
+    from mia.core.reference_stats import grouped_rate_llr
+
+    labels = np.array([3])
+    groups = np.array([0, 0])
+    # model 0 (IN) answers both noisy copies correctly: rate (2 + 0.5) / 3 = 5/6; model 1 (OUT) neither: 1/6
+    ref = np.array([[[3], [3]], [[1], [2]]])
+    mask = np.array([[True], [False]])
+    one_right = grouped_rate_llr(np.array([[3], [0]]), ref, labels, mask, groups)
+    both_right = grouped_rate_llr(np.array([[3], [3]]), ref, labels, mask, groups)
+    np.testing.assert_allclose(one_right, [0.0], atol=1e-12)  # log 5 - log 5
+    np.testing.assert_allclose(both_right, [2 * math.log(5)], rtol=1e-12)
+    # one model, IN for record 0 (rate 5/6), OUT for record 1 (rate 1/6): each record's missing group is
+    # the other's rate, through the average IN - OUT difference of the logits
+    ref1 = np.array([[[3, 0], [3, 0]]])  # (K=1, Q=2, n=2): record 0 right twice, record 1 never
+    llr = grouped_rate_llr(np.array([[3, 3], [3, 3]]), ref1, np.array([3, 3]), np.array([[True, False]]), groups)
+    np.testing.assert_allclose(llr, [2 * math.log(5), 2 * math.log(5)], rtol=1e-12)
+    with pytest.raises(ValueError, match="groups"):
+        grouped_rate_llr(np.array([[3], [3]]), ref, labels, mask, np.array([0.0, 1.0]))

@@ -67,8 +67,16 @@ def test_masks_balanced_and_deterministic():
     assert not np.array_equal(m, make_masks(8, 1000, seed=4))
 
 
-@pytest.mark.parametrize("k", [0, 1, 3])
-def test_masks_need_even_k(k):
+def test_one_model_trains_on_a_random_half():
+    m = make_masks(1, 1001, seed=3)
+    assert m.shape == (1, 1001) and m.sum() == 500  # n // 2 records IN
+    np.testing.assert_array_equal(m, make_masks(1, 1001, seed=3))
+    assert not np.array_equal(m, make_masks(1, 1001, seed=4))
+    assert m[0, :500].sum() not in (0, 500)  # a random half, not the first records
+
+
+@pytest.mark.parametrize("k", [0, 3, -2])
+def test_masks_need_one_or_even_k(k):
     with pytest.raises(MIAError, match="even"):
         make_masks(k, 10, 0)
 

@@ -68,6 +68,7 @@ def _run_config(args) -> RunConfig:
         keep_going=args.keep_going,
         references=args.references == "auto" and not args.no_references,
         reference_budget=args.reference_budget,
+        reference_models=args.reference_models,
         reference_views=args.reference_views,
         label_noise=_parse_noise_levels(args.label_noise),
         label_noise_draws=args.label_noise_draws,
@@ -107,7 +108,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-references", action="store_true", help="the same as --references off")
     p.add_argument("--reference-budget", type=float, default=d.reference_budget, metavar="SECONDS",
                    help="on CUDA, a victim without reference models gets as many as this much training allows (at "
-                        f"least 2; 0 = never; default {d.reference_budget:g}); on a CPU the run says what 2 would cost")
+                        f"least 1; 0 = never; default {d.reference_budget:g}); on a CPU the run says what 1 would cost")
+    p.add_argument("--reference-models", type=int, default=d.reference_models, metavar="K",
+                   help="use at most the first K complete reference models of each victim (default: all); measures "
+                        "the attacks at a smaller budget without retraining")
     p.add_argument("--reference-views", choices=("identity", "flip", "standard"), default=d.reference_views,
                    help="views the reference models are queried on (default flip: the image and its flip; each "
                         "view costs one scoring pass per reference model)")

@@ -37,9 +37,14 @@ records) when few models are available: ``global_variance=None`` chooses global 
 linear in the victim's statistic, so it cannot turn against a record the victim fits far better
 than any reference (which separate IN and OUT variances do when IN is the narrower one: weakly
 trained references). A record whose group has fewer than two models uses the global variance;
-variances are floored at MIN_VARIANCE. A record with no IN (or no OUT) model, which happens only
-with an incomplete reference set, gets that group's mean as the other group's mean shifted by the
-average IN - OUT difference of the records that have both.
+variances are floored at MIN_VARIANCE. A record with no IN (or no OUT) model, which happens with one
+reference model (K = 1: each record is IN or OUT for it) or an incomplete reference set, gets that
+group's mean as the other group's mean shifted by the average IN - OUT difference (of the records that
+have both; with K = 1, of the IN records' means against the OUT records'). With few models (K < 16,
+``shared_shift``) every model informs both of a record's means: mu_out is the mean of its OUT models'
+statistics and its IN models' statistics moved down by that average shift, mu_in = mu_out + shift. On
+the demo bundle with K = 2 this raised LiRA offline's test AUC from 58.9 to 63.5 % (resnet34) and
+61.2 to 62.5 % (vgg16): one model per group is a noisy mean.
 
 Label-only (task 3): ``calibrated_aug_count`` = the victim's number of views still classified
 correctly minus the mean of that number over the record's OUT references; ``label_lira`` = the
@@ -66,6 +71,7 @@ __all__ = [
     "MIN_VARIANCE",
     "calibrated_aug_count",
     "fit_gaussians",
+    "grouped_rate_llr",
     "label_lira",
     "lira_offline",
     "lira_online",
@@ -81,12 +87,16 @@ FEATURES = {
     "lira_online": "LiRA online: log-likelihood ratio of IN vs OUT Gaussians of logit-scaled confidence, summed over views",
     "lira_offline": "LiRA offline: -log Pr[OUT Gaussian > victim's logit-scaled confidence], summed over views",
     "rmia": "RMIA offline: fraction of other eval/test records z with r(x)/r(z) > 1, r = victim p_y / reference p_y",
+    "bmia": "LiRA offline with each reference's last-layer Laplace mean and per-record variance (mia.core.laplace)",
+    "bmia_online": "LiRA online with each reference's last-layer Laplace means and per-record variances",
 }
 LABEL_ONLY_FEATURES = {
     "calibrated_aug_count": "views classified correctly by the victim minus the mean over the record's OUT references",
     "label_lira": "log-likelihood ratio of the victim's per-view correctness under IN vs OUT reference correctness rates",
     "noise_lira": "label_lira over the noisy label-only queries",
     "calibrated_noise_correct": "fraction of noisy queries correct for the victim minus the mean over the OUT references",
+    "noise_rate_lr": "binomial log-likelihood ratio of the victim's correct noisy answers per noise level under the "
+                     "record's IN vs OUT references' rates (works with one reference model)",
 }
 
 
@@ -138,25 +148,41 @@ def _pooled(ss: np.ndarray, count: np.ndarray) -> np.ndarray:
 
 
 def fit_gaussians(reference: np.ndarray, in_mask: np.ndarray, *, global_variance: bool | None = None,
-                  min_variance: float = MIN_VARIANCE) -> GaussianFit:
+                  min_variance: float = MIN_VARIANCE, shared_shift: bool | None = None) -> GaussianFit:
     """Fit the IN and OUT Gaussians of every record and view.
 
     reference: (K, V, n) statistic of each reference model; in_mask: (K, n) bool.
     global_variance: True / False forces it; None means global when K < AUTO_GLOBAL_BELOW.
     Means are the group means; variances the unbiased per-record ones (ddof=1) or the within-record
-    variance of both groups pooled per view (see the module docstring). ValueError when no record has both
-    an IN and an OUT model.
+    variance of both groups pooled per view (see the module docstring). A record without an IN (OUT)
+    model gets its other mean shifted by the average IN - OUT difference: over the records that have both,
+    or with one model (no record has both) the mean over IN records minus the mean over OUT records.
+    ValueError when the records are all IN or all OUT.
+    shared_shift: every model informs both means of a record, IN models through that average shift:
+    mu_out = the mean over the record's models of (statistic - shift if IN), mu_in = mu_out + shift (the
+    maximum-likelihood means when membership moves every record's statistic by the same amount). With
+    few models this halves the noise of each mean; None means shared when K < AUTO_GLOBAL_BELOW.
     """
     reference, in_mask = _check_shapes(reference, in_mask)
+    use_shared = reference.shape[0] < AUTO_GLOBAL_BELOW if shared_shift is None else bool(shared_shift)
     use_global = reference.shape[0] < AUTO_GLOBAL_BELOW if global_variance is None else bool(global_variance)
     mu_in, ss_in, n_in = _group(reference, in_mask)
     mu_out, ss_out, n_out = _group(reference, ~in_mask)
     both = (n_in > 0) & (n_out > 0)
-    if not both.any():
-        raise ValueError("no record has both an IN and an OUT reference model; train more reference models")
-    shift = (mu_in[:, both] - mu_out[:, both]).mean(axis=1, keepdims=True)  # (V, 1)
-    mu_in = np.where(n_in > 0, mu_in, mu_out + shift)
-    mu_out = np.where(n_out > 0, mu_out, mu_in - shift)
+    if both.any():
+        shift = (mu_in[:, both] - mu_out[:, both]).mean(axis=1, keepdims=True)  # (V, 1)
+    elif (n_in > 0).any() and (n_out > 0).any():  # one model (K = 1): records are IN or OUT at random, so the
+        # mean over the IN records minus the mean over the OUT records estimates the same average shift
+        shift = (mu_in[:, n_in > 0].mean(axis=1) - mu_out[:, n_out > 0].mean(axis=1))[:, None]
+    else:
+        raise ValueError("no record is IN for a reference model while another is OUT; train more reference models")
+    if use_shared:
+        total = np.where(n_out > 0, n_out * np.nan_to_num(mu_out), 0.0) + np.where(n_in > 0, n_in * (np.nan_to_num(mu_in) - shift), 0.0)
+        mu_out = total / np.maximum(n_in + n_out, 1)
+        mu_in = mu_out + shift
+    else:
+        mu_in = np.where(n_in > 0, mu_in, mu_out + shift)
+        mu_out = np.where(n_out > 0, mu_out, mu_in - shift)
 
     # One variance per view shared by both groups: the within-record deviations of IN and OUT pooled.
     pooled = _pooled(np.concatenate([ss_in, ss_out], axis=1), np.concatenate([n_in, n_out]))
@@ -210,8 +236,10 @@ def rmia_log_ratios(target_log_p: np.ndarray, reference_log_p: np.ndarray, in_ma
 
     target_log_p: (V, n) log p_y of the victim per view; reference_log_p: (K, V, n); in_mask (K, n).
     p(x|theta) is p_y averaged over the views (in probability space). p(x) = (1+a)/2 * m + (1-a)/2
-    with m the mean of p(x|theta_k) over the record's OUT models (over its IN models for a record
-    that has no OUT model, which only an incomplete reference set produces). 0 <= a <= 1.
+    with m the mean of p(x|theta_k) over the record's OUT models. That is (p_OUT + p_IN) / 2 under
+    RMIA's offline model p_IN = a p_OUT + (1 - a); a record with no OUT model (K = 1, or an incomplete
+    set) inverts the same model: p_OUT = (p_IN - (1 - a)) / a clipped to [0, p_IN] (0 when a = 0),
+    p(x) = (p_IN + p_OUT) / 2, p_IN the mean over its IN models. 0 <= a <= 1.
     """
     from scipy.special import logsumexp  # here: scipy costs 0.4 s to import
     if not 0.0 <= a <= 1.0:
@@ -226,11 +254,16 @@ def rmia_log_ratios(target_log_p: np.ndarray, reference_log_p: np.ndarray, in_ma
     per_model = logsumexp(reference_log_p, axis=1) - np.log(n_views)  # (K, n)
     out = ~in_mask
     n_out = out.sum(axis=0)
-    group = np.where(n_out > 0, out, in_mask)  # records without an OUT model fall back to their IN models
+    group = np.where(n_out > 0, out, in_mask)  # records without an OUT model: their IN models, inverted below
     count = group.sum(axis=0)
     log_mean = logsumexp(np.where(group, per_model, -np.inf), axis=0) - np.log(count)
     with np.errstate(divide="ignore"):  # a = 1: the constant term is log 0 = -inf, which logaddexp absorbs
         log_p_ref = np.logaddexp(np.log((1 + a) / 2) + log_mean, np.log((1 - a) / 2))
+    only_in = n_out == 0
+    if only_in.any():
+        p_in = np.exp(log_mean[only_in])
+        p_out = np.clip((p_in - (1 - a)) / a, 0.0, p_in) if a > 0 else np.zeros_like(p_in)
+        log_p_ref[only_in] = np.log((p_in + p_out) / 2)
     return log_px - log_p_ref
 
 
@@ -325,3 +358,34 @@ def label_lira(victim_predicted: np.ndarray, reference_predicted: np.ndarray, la
     correct = victim_predicted == labels[None]
     llr = np.where(correct, np.log(in_rate) - np.log(out_rate), np.log1p(-in_rate) - np.log1p(-out_rate))
     return llr.sum(axis=0).astype(np.float64)
+
+
+def grouped_rate_llr(victim_predicted: np.ndarray, reference_predicted: np.ndarray, labels: np.ndarray,
+                     in_mask: np.ndarray, groups: np.ndarray, prior: float = 0.5) -> np.ndarray:
+    """Label-only likelihood ratio over groups of exchangeable queries (the noisy copies of one image at one
+    noise level): binomial, not one Bernoulli per query. -> (n,) float64.
+
+    victim_predicted (Q, n) and reference_predicted (K, Q, n) integer labels, labels (n,), in_mask (K, n),
+    groups (Q,) int: the group of each query. Per model, record and group, the rate of correct answers
+    (correct + prior) / (queries + 2 prior); its logit's IN and OUT means per record come from
+    ``fit_gaussians`` (so a record lacking a group, as with one reference model, gets the other's mean
+    shifted by the average IN - OUT difference); p_in, p_out their sigmoids. Score = sum over groups of
+    c log(p_in / p_out) + (m - c) log((1 - p_in) / (1 - p_out)) for the victim's c correct of m queries."""
+    victim_predicted, reference_predicted, labels, in_mask = _label_only_inputs(
+        victim_predicted, reference_predicted, labels, in_mask)
+    groups = np.asarray(groups)
+    if groups.shape != (victim_predicted.shape[0],) or not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(f"groups must be ({victim_predicted.shape[0]},) integers, got {groups.dtype} {groups.shape}")
+    if not prior > 0:
+        raise ValueError(f"prior must be positive, got {prior}")
+    ids = np.unique(groups)
+    onehot = (groups[None, :] == ids[:, None]).astype(np.float64)  # (G, Q)
+    sizes = onehot.sum(axis=1)[:, None]  # (G, 1)
+    ref_correct = (reference_predicted == labels[None, None]).astype(np.float64)  # (K, Q, n)
+    rates = (np.einsum("gq,kqn->kgn", onehot, ref_correct) + prior) / (sizes[None] + 2 * prior)  # (K, G, n)
+    fit = fit_gaussians(np.log(rates) - np.log1p(-rates), in_mask, global_variance=True)
+    log_in, log_out = -np.logaddexp(0.0, -fit.mu_in), -np.logaddexp(0.0, -fit.mu_out)  # log sigmoid
+    log_not_in, log_not_out = -np.logaddexp(0.0, fit.mu_in), -np.logaddexp(0.0, fit.mu_out)
+    correct = onehot @ (victim_predicted == labels[None]).astype(np.float64)  # (G, n)
+    llr = correct * (log_in - log_out) + (sizes - correct) * (log_not_in - log_not_out)
+    return llr.sum(axis=0)

@@ -2,6 +2,7 @@
 statistics of mia.core.reference_stats (LiRA, RMIA, label-only likelihood ratios; formulas there)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,12 +10,15 @@ import numpy as np
 
 from mia.bundle import Victim
 from mia.core import signals as sig
+from mia.core.laplace import PRIOR_SCALES, fit_last_layer_laplace, laplace_fit_gaussians, statistic_moments
 from mia.core.metrics import auc
-from mia.core.reference_stats import calibrated_aug_count, fit_gaussians, label_lira, lira_offline, lira_online, rmia_scores
+from mia.core.reference_stats import (calibrated_aug_count, fit_gaussians, grouped_rate_llr, label_lira, lira_offline,
+                                      lira_online, rmia_scores)
 from mia.core.signals import integer_labels
 from mia.errors import MIAError
 from mia.io.cache import file_digest
-from mia.references.logits import reference_logits, views_from_names
+from mia.references.logits import reference_features, reference_logits, views_from_names
+from mia.scoring import IDENTITY
 from mia.references.store import ReferenceSet, load_reference_set
 
 __all__ = ["ReferenceFeatures", "ReferenceOptions", "VictimAnswers", "victim_reference_features"]
@@ -25,10 +29,12 @@ __all__ = ["ReferenceFeatures", "ReferenceOptions", "VictimAnswers", "victim_ref
 
 
 def _usable_set(bundle_root, victim: Victim, n_eval: int, n_test: int, min_models: int,
-                references_root) -> ReferenceSet | None:
+                references_root, max_models: int | None = None) -> ReferenceSet | None:
     ref_set = load_reference_set(bundle_root, victim, references_root=references_root, rebuild_manifest=False)
     if ref_set is None or len(ref_set.complete) < min_models:
         return None
+    if max_models is not None and len(ref_set.complete) > max_models:
+        ref_set = dataclasses.replace(ref_set, complete=ref_set.complete[:max_models])
     if (ref_set.n_eval, ref_set.n_test) != (n_eval, n_test):
         raise MIAError(f"{ref_set.folder}: references were trained on {ref_set.n_eval} eval + {ref_set.n_test} test "
                        f"records, the victim has {n_eval} + {n_test}; retrain them (delete the folder)")
@@ -48,22 +54,21 @@ def _split(values: dict[str, np.ndarray], n_eval: int) -> dict[str, dict[str, np
 def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view_names: list[str], *, min_models: int,
                      references_root, device: str, batch_size: int, progress: bool,
                      noise_view_names: list[str] | None = None, cache: bool = True,
-                     cache_dir: str | Path | None = None):
-    """(reference logits (K, V, n, C) on the victim's eval + test records, in_mask (K, n)), or None
-    when the victim has no usable reference set. Reads (or computes) each model's logits once.
-    With ``noise_view_names`` also returns (third) the references' predicted labels (K, Q, n) under
-    those noisy queries."""
-    ref_set = _usable_set(bundle_root, victim, n_eval, n_test, min_models, references_root)
+                     cache_dir: str | Path | None = None, max_models: int | None = None):
+    """(reference set, reference logits (K, V, n, C) on the victim's eval + test records, in_mask (K, n),
+    the references' predicted labels (K, Q, n) under the noisy queries ``noise_view_names`` or None), or
+    None when the victim has no usable reference set. Reads (or computes) each model's logits once."""
+    ref_set = _usable_set(bundle_root, victim, n_eval, n_test, min_models, references_root, max_models)
     if ref_set is None:
         return None
     n = n_eval + n_test
     ref_logits = reference_logits(ref_set, views_from_names(view_names), device=device, batch_size=batch_size,
                                   progress=progress, cache=cache, cache_dir=cache_dir)[:, :, :n]
     if noise_view_names is None:
-        return ref_logits, ref_set.complete_masks()[:, :n]
+        return ref_set, ref_logits, ref_set.complete_masks()[:, :n], None
     ref_noisy = reference_logits(ref_set, views_from_names(noise_view_names), device=device, batch_size=batch_size,
                                  progress=progress, labels_only=True, cache=cache, cache_dir=cache_dir)[:, :, :n]
-    return ref_logits, ref_set.complete_masks()[:, :n], ref_noisy
+    return ref_set, ref_logits, ref_set.complete_masks()[:, :n], ref_noisy
 
 
 #: RMIA's offline parameter a is chosen from these by eval AUC when ReferenceOptions.rmia_a is "auto".
@@ -90,7 +95,10 @@ def tune_rmia_a(target_log_p: np.ndarray, reference_log_p: np.ndarray, masks: np
 def _posterior_values(target: np.ndarray, ref_logits: np.ndarray, masks: np.ndarray, labels: np.ndarray, *,
                       rmia_a: float | str, global_variance: bool | None,
                       eval_membership: np.ndarray | None) -> tuple[dict[str, np.ndarray], float]:
-    """(LiRA online / offline and RMIA, RMIA's a) from victim logits (V, n, C) and reference logits (K, V, n, C).
+    """(LiRA online / offline, RMIA and 'ref_out_lsc', RMIA's a) from victim logits (V, n, C) and reference
+    logits (K, V, n, C). 'ref_out_lsc' is the record's expected logit-scaled confidence when OUT (LiRA's
+    OUT mean, averaged over the views): an input of the learned attacks, which weigh it against the
+    victim's own (difficulty calibration with a fitted weight; Watson et al. 2022), never thresholded alone.
     ``rmia_a="auto"`` tunes a on the eval records (``eval_membership``, the first records)."""
     def per_view(fn, logits):  # (..., V, n, C) -> (..., V, n)
         flat = logits.reshape(-1, *logits.shape[-2:])
@@ -106,7 +114,39 @@ def _posterior_values(target: np.ndarray, ref_logits: np.ndarray, masks: np.ndar
     else:
         a, rmia = float(rmia_a), rmia_scores(target_log_p, ref_log_p, masks, a=float(rmia_a))
     return {"lira_online": lira_online(target_phi, fit), "lira_offline": lira_offline(target_phi, fit),
-            "rmia": rmia}, a
+            "rmia": rmia, "ref_out_lsc": fit.mu_out.mean(axis=0)}, a
+
+
+def _laplace_values(ref_set: ReferenceSet, views: tuple, target: np.ndarray, labels: np.ndarray, masks: np.ndarray,
+                    eval_membership: np.ndarray | None, o: ReferenceOptions) -> tuple[dict[str, np.ndarray], float]:
+    """({'bmia', 'bmia_online'}, the prior scale used): LiRA's offline and online tests of the victim's
+    logit-scaled confidence (target logits (V, n, C)) against Gaussians whose means and per-record variances
+    come from each reference model's last-layer Laplace posterior (mia.core.laplace), fitted on the pool
+    records it trained on (identity view). The prior scale is the one of PRIOR_SCALES whose offline scores
+    rank the eval records best by AUC (the first of them without the eval membership)."""
+    n = len(labels)
+    first = views.index(IDENTITY) if IDENTITY in views else 0
+    scales = PRIOR_SCALES if eval_membership is not None else PRIOR_SCALES[:1]
+    means = np.empty((len(scales), len(ref_set.complete), len(views), n))
+    variances = np.empty_like(means)
+    for k, j in enumerate(ref_set.complete):
+        feats, weight, bias = reference_features(ref_set, j, views, device=o.device, batch_size=o.batch_size,
+                                                 cache=o.cache, cache_dir=o.cache_dir)
+        trained = feats[first][ref_set.masks[j]]
+        for t, scale in enumerate(scales):
+            laplace = fit_last_layer_laplace(trained, weight, bias, scale)
+            for v in range(len(views)):
+                means[t, k, v], variances[t, k, v] = statistic_moments(laplace, feats[v, :n], labels)
+    target_phi = np.stack([sig.logit_scaled_confidence(z, labels) for z in target])  # (V, n)
+    best = None
+    for t, scale in enumerate(scales):
+        fit = laplace_fit_gaussians(means[t], variances[t], masks)
+        offline = lira_offline(target_phi, fit)
+        value = auc(offline[:len(eval_membership)], eval_membership) if eval_membership is not None else 0.0
+        if best is None or value > best[0] + 1e-12:
+            best = (value, scale, offline, lira_online(target_phi, fit))
+    assert best is not None
+    return {"bmia": best[2], "bmia_online": best[3]}, best[1]
 
 
 #: A reference model whose accuracy differs from the victim's by more than this (on the same held-out
@@ -155,10 +195,11 @@ class ReferenceFeatures:
     k: int  # complete reference models used
     posterior: dict[str, dict[str, np.ndarray]]  # split -> lira_online, lira_offline, rmia
     label_only: dict[str, dict[str, np.ndarray]]  # split -> calibrated_aug_count, label_lira (+ noise_lira,
-    #   calibrated_noise_correct with noisy queries)
+    #   noise_rate_lr, calibrated_noise_correct with noisy queries)
     rmia_a: float = 0.3  # RMIA's offline parameter as used (tuned on eval with rmia_a="auto")
     sanity: list[dict] = field(default_factory=list)  # reference_sanity: each model's accuracy next to the
     #   victim's on the same held-out eval records (needs the eval membership)
+    laplace_prior: float | None = None  # the last-layer Laplace prior scale as used (tuned on eval; None: off)
 
 
 @dataclass(frozen=True)
@@ -183,10 +224,13 @@ class ReferenceOptions:
     device: str = "auto"  # where the references compute their logits (cached)
     cache: bool = True  # keep the references' logits and the pool's records in the cache (mia.io.cache)
     cache_dir: str | Path | None = None  # the cache's folder; None: mia.io.cache.cache_root's default
-    min_models: int = 2  # fewer complete reference models: no reference features
+    min_models: int = 1  # fewer complete reference models: no reference features
+    max_models: int | None = None  # use at most the first this many complete models (None: all)
     rmia_a: float | str = "auto"  # RMIA's offline interpolation parameter, or "auto": the a of RMIA_A_GRID
     #   with the best eval AUC (needs answers.eval_membership)
     global_variance: bool | None = None  # LiRA: one variance for all records (None: when K is small)
+    laplace: bool = True  # the last-layer Laplace attacks 'bmia' and 'bmia_online' (mia.core.laplace): one more
+    #   pass of each reference model over the pool for its penultimate features (cached)
     references_root: Path | None = None  # None: <bundle>/references
     batch_size: int = 256
     progress: bool = False
@@ -203,7 +247,9 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
     victim's predicted labels (the argmax of its logits): 'calibrated_aug_count', 'label_lira', and with
     noisy queries (``answers.*_noise_labels``, which the references answer too, labels only)
     'noise_lira' (``label_lira`` over the noisy queries: how much likelier the victim's answers are
-    under the record's IN models than its OUT models) and 'calibrated_noise_correct' (the victim's
+    under the record's IN models than its OUT models), 'noise_rate_lr' (``grouped_rate_llr``: the same
+    question asked of the correct-answer rate per noise level, binomial; works with one model) and
+    'calibrated_noise_correct' (the victim's
     fraction of correct noisy answers minus the mean fraction of the record's OUT models)."""
     eval_labels, test_labels = np.asarray(answers.eval_labels), np.asarray(answers.test_labels)
     view_names, noise_view_names = list(answers.view_names), answers.noise_view_names
@@ -223,10 +269,10 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
     loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=o.min_models,
                               references_root=o.references_root, device=o.device, batch_size=o.batch_size,
                               progress=o.progress, noise_view_names=noise_view_names, cache=o.cache,
-                              cache_dir=o.cache_dir)
+                              cache_dir=o.cache_dir, max_models=o.max_models)
     if loaded is None:
         return None
-    ref_logits, masks = loaded[:2]
+    ref_set, ref_logits, masks, ref_noisy = loaded
     labels = np.concatenate([eval_labels, test_labels])
     target = _victim_logits(answers.eval_logits, answers.test_logits, len(view_names), n_eval + n_test)
     eval_membership = None if answers.eval_membership is None else np.asarray(answers.eval_membership)
@@ -236,10 +282,18 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
     label_only = _label_only_values(target.argmax(axis=-1), ref_logits, masks, labels)
     sanity = ([] if eval_membership is None else
               reference_sanity(target[0].argmax(-1), ref_logits[:, 0].argmax(-1), masks, labels, eval_membership))
+    laplace_prior = None
+    if o.laplace:
+        laplace, laplace_prior = _laplace_values(ref_set, views_from_names(view_names), target, labels, masks,
+                                                 eval_membership, o)
+        posterior.update(laplace)
     if noise_view_names is not None:
-        ref_noisy = loaded[2]
         label_only["noise_lira"] = label_lira(victim_noisy, ref_noisy, labels, masks)
+        keys = [(v.flip, v.noise) for v in views_from_names(noise_view_names)]  # exchangeable: same view and level
+        groups = np.array([sorted(set(keys)).index(key) for key in keys])
+        label_only["noise_rate_lr"] = grouped_rate_llr(victim_noisy, ref_noisy, labels, masks, groups)
         label_only["calibrated_noise_correct"] = (calibrated_aug_count(victim_noisy, ref_noisy, labels, masks)
                                                   / len(noise_view_names))
     return ReferenceFeatures(k=ref_logits.shape[0], posterior=_split(posterior, n_eval),
-                             label_only=_split(label_only, n_eval), rmia_a=rmia_a, sanity=sanity)
+                             label_only=_split(label_only, n_eval), rmia_a=rmia_a, sanity=sanity,
+                             laplace_prior=laplace_prior)

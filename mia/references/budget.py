@@ -42,10 +42,10 @@ def reference_cost(seconds_per_image: float, n_pool: int, recipe: ReferenceRecip
 
 
 def affordable_k(budget_seconds: float, cost: ReferenceCost, k_max: int = 16) -> int:
-    """The largest even number of models (at most ``k_max``) whose estimated time fits in the budget; 0
-    when not even two fit."""
+    """The most models (1, or an even number at most ``k_max``) whose estimated time fits in the budget;
+    0 when not even one fits."""
     if cost.seconds <= 0:
         return k_max - k_max % 2
     k = int(budget_seconds // cost.seconds)
     k = min(k, k_max)
-    return k - k % 2 if k >= 2 else 0
+    return k - k % 2 if k >= 2 else max(k, 0)

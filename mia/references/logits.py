@@ -1,17 +1,18 @@
-"""Reference models' logits (and noisy-query labels) on the pool, cached by content."""
+"""Reference models' logits (and noisy-query labels, and penultimate features) on the pool, cached by content."""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from mia.errors import MIAError
 from mia.io.cache import cache_root, cached_array, file_digest
 from mia.references.pool import Pool
 from mia.references.store import ReferenceSet
-from mia.scoring import IDENTITY, View, compute_logits, precision_tag
+from mia.scoring import IDENTITY, View, classifier_head, compute_logits, precision_tag
 
 LOGITS_FORMAT = 1  # bump when cached reference logits would change
 
@@ -50,16 +51,18 @@ def views_from_names(names: list[str] | tuple[str, ...]) -> tuple[View, ...]:
 
 
 def _logits_cache_path(cache_dir: Path, ref_set: ReferenceSet, j: int, views: tuple[View, ...],
-                       labels_only: bool = False, device: str = "auto") -> Path:
+                       labels_only: bool = False, device: str = "auto", what: str = "") -> Path:
     """``<cache_dir>/logits/reference-<victim>-model_<j>-<key>.npz``: the key hashes the model file, the pool's
-    fingerprint, the views, the architecture file, ``labels_only`` and the precision."""
+    fingerprint, the views, the architecture file, ``labels_only`` (or ``what`` else it holds) and the
+    precision."""
     h = hashlib.sha256(f"format={LOGITS_FORMAT};views={[v.name for v in views]};"
-                       f"pool={ref_set.fingerprint}{';labels' if labels_only else ''};"
-                       f"{precision_tag(device)}".encode())
+                       f"pool={ref_set.fingerprint}{';labels' if labels_only else ''}{what};"
+                       f"{precision_tag(device, 'fp32' if what else 'auto')}".encode())
     h.update(file_digest(ref_set.model_path(j)).encode())
     arch_file = ref_set.manifest.get("architecture_file", {}).get("sha256", "-")
     h.update(str(arch_file).encode())
-    return cache_dir / "logits" / f"reference-{ref_set.manifest['victim']}-model_{j:03d}-{h.hexdigest()[:24]}.npz"
+    prefix = "reference-features" if what else "reference"
+    return cache_dir / "logits" / f"{prefix}-{ref_set.manifest['victim']}-model_{j:03d}-{h.hexdigest()[:24]}.npz"
 
 
 def reference_logits(ref_set: ReferenceSet, views: tuple[View, ...] = (IDENTITY,), device: str = "auto",
@@ -99,3 +102,60 @@ def reference_logits(ref_set: ReferenceSet, views: tuple[View, ...] = (IDENTITY,
     if not out:
         raise MIAError(f"{ref_set.folder}: no complete reference model")
     return np.stack(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Penultimate features (the classifier head's input), for the last-layer Laplace attack
+
+
+def head_parameters(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray | None]:
+    """(weight (C, D), bias (C,) or None) of the model's classifier head (``scoring.classifier_head``),
+    float64. MIAError for a model without an ``nn.Linear``."""
+    head = classifier_head(model)
+    if head is None:
+        raise MIAError(f"{type(model).__name__} has no nn.Linear classifier head: no last-layer Laplace attack")
+    bias = None if head.bias is None else head.bias.detach().double().cpu().numpy()
+    return head.weight.detach().double().cpu().numpy(), bias
+
+
+def penultimate_features(model: torch.nn.Module, images: np.ndarray, views: tuple[View, ...], device: str = "auto",
+                         batch_size: int = 256) -> np.ndarray:
+    """The classifier head's input for every image under each view -> (V, n, D) float32, computed in fp32
+    (a forward hook on ``classifier_head`` records what the head receives)."""
+    head = classifier_head(model)
+    if head is None:
+        raise MIAError(f"{type(model).__name__} has no nn.Linear classifier head: no last-layer Laplace attack")
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda m, inputs, out: captured.append(inputs[0].detach().float().flatten(1).cpu()))
+    try:
+        out = []
+        for view in views:  # one view per call: the hook sees the records in order
+            captured.clear()
+            compute_logits(model, images, (view,), device=device, batch_size=batch_size, labels_only=True,
+                           precision="fp32")
+            out.append(torch.cat(captured).numpy())
+    finally:
+        hook.remove()
+    return np.stack(out)
+
+
+def reference_features(ref_set: ReferenceSet, j: int, views: tuple[View, ...], device: str = "auto",
+                       batch_size: int = 256, *, cache: bool = True, cache_dir: str | Path | None = None,
+                       pool: Pool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Reference model j's penultimate features on the whole pool under ``views`` -> ((V, N_pool, D) float32,
+    head weight (C, D), head bias (C,) or None). The features are cached like the logits."""
+    root = cache_root(cache_dir) if cache else None
+    path = _logits_cache_path(root, ref_set, j, views, device=device, what=";features") if root is not None else None
+    model = ref_set.load_model(j)
+
+    def compute() -> np.ndarray:
+        images = (pool if pool is not None else ref_set.load_pool(cache_dir=root)).images
+        return penultimate_features(model, images, views, device=device, batch_size=batch_size)
+
+    def valid(a: np.ndarray) -> bool:
+        return (a.ndim == 3 and a.shape[:2] == (len(views), ref_set.n_pool) and a.dtype == np.float32
+                and bool(np.isfinite(a).all()))
+
+    arr, _ = cached_array(path, compute, valid, {"format": LOGITS_FORMAT, "views": [v.name for v in views],
+                                                 "features": True})
+    return (arr, *head_parameters(model))

@@ -103,12 +103,18 @@ def load_pool(victim: Victim, population: str | Path | None = None, *, num_class
 def make_masks(k: int, n: int, seed: int) -> np.ndarray:
     """(k, n) bool: ``masks[j, i]`` = model j trains on record i.
 
-    Every column has exactly k/2 True entries: a uniformly random k/2-subset of the models per
-    record (LiRA's balanced split). Deterministic for (k, n, seed).
+    Even k: every column has exactly k/2 True entries, a uniformly random k/2-subset of the models per
+    record (LiRA's balanced split). k = 1: the one model trains on a uniformly random half of the
+    records (n // 2 of them), so each record is IN or OUT for it with probability 1/2. Deterministic for
+    (k, n, seed).
     """
-    if k < 2 or k % 2:
-        raise MIAError(f"k must be an even number >= 2, got {k}")
+    if k != 1 and (k < 2 or k % 2):
+        raise MIAError(f"k must be 1 or an even number >= 2, got {k}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _MASK_TAG, int(k), int(n)]))
+    if k == 1:
+        masks = np.zeros((1, n), dtype=bool)
+        masks[0, rng.permutation(n)[: n // 2]] = True
+        return masks
     order = np.argsort(rng.random((n, k)), axis=1, kind="stable")  # a random permutation of models per record
     masks = np.zeros((n, k), dtype=bool)
     masks[np.arange(n)[:, None], order[:, : k // 2]] = True

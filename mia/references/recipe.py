@@ -15,7 +15,7 @@ from mia.training import TrainRecipe
 class ReferenceRecipe:
     """How reference models are trained. Every field but ``device`` is part of the fingerprint."""
 
-    k: int = 8  # number of reference models; even, each record is IN for exactly k/2 of them
+    k: int = 8  # number of reference models: 1, or even with each record IN for exactly k/2 of them
     epochs: int = 15  # training epochs per model
     batch_size: int = 128  # SGD batch size
     lr: float = 0.05  # peak learning rate; cosine decay to 0 per step over all epochs
@@ -29,8 +29,9 @@ class ReferenceRecipe:
 
     def validate(self) -> None:
         """Raise MIAError on a recipe that cannot be trained."""
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 2 or self.k % 2:
-            raise MIAError(f"k must be an even number >= 2 (each record is IN for exactly k/2 models), got {self.k!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or (self.k != 1 and (self.k < 2 or self.k % 2)):
+            raise MIAError(f"k must be 1 or an even number >= 2 (each record is IN for exactly k/2 models), "
+                           f"got {self.k!r}")
         if self.epochs < 1 or self.batch_size < 2:
             raise MIAError(f"epochs >= 1 and batch_size >= 2 are required, got {self.epochs} and {self.batch_size}")
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
