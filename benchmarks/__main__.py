@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep: extrapolate brute force when its projected time exceeds this (default 20)")
     p.add_argument("--bundle", type=Path, default=None,
                    help="e2e: bundle to copy and run (default: the demo bundle if built, else a tiny one)")
+    p.add_argument("--label-noise", default="none", metavar="S1,S2,...",
+                   help="attacks: the label-only noisy queries' levels (default none; the run's default is 0.1,0.15)")
     p.add_argument("--no-subprocess", action="store_true",
                    help="e2e: skip the `python -m mia run` child processes (wall time with imports, peak memory)")
     return p
@@ -84,7 +86,8 @@ def run_benchmarks(args: argparse.Namespace, log=print) -> dict[str, BenchResult
 
             bundle, _ = resolve_bundle(EndToEndConfig(bundle=args.bundle, tiny=args.tiny),
                                        Path(tempfile.mkdtemp(prefix="mia-attacks-")), log=log)
-            results[name] = run(AttacksConfig(bundle=bundle, device=args.device), log=log)
+            noise = () if args.label_noise == "none" else tuple(float(x) for x in args.label_noise.split(","))
+            results[name] = run(AttacksConfig(bundle=bundle, device=args.device, label_noise=noise), log=log)
         elif name == "training":
             from benchmarks.bench_training import TrainingConfig, run
 

@@ -48,6 +48,9 @@ class RunConfig:
     #   tried (by an inner CV inside every fit) of the pull towards the global threshold, in pseudo-records of
     #   the global rule per class, in units of the mean class size n/C: 0 = free, 1 = half weight for a mean
     #   class, inf = the global threshold
+    score_ranking: bool = True  # the scores written follow the candidate with the best CV AUC (its order, made to
+    #   give the chosen predictions at one threshold: mia.core.thresholds.consistent_ranking); False: the chosen
+    #   candidate's own scores
     bootstrap_resamples: int = 1000  # percentile bootstrap of the test metrics (with an answer key); 0 = none
     seed: int = 0  # fold assignment and learned models
     min_class_count: int = 20  # fewer eval records of a class -> the global threshold is used for it

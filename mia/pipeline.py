@@ -291,7 +291,8 @@ def attack_victim(data: VictimData, config: RunConfig) -> list[TaskOutcome]:
             strong_cands = attacks.strong_label_only_candidates(list(ev))
         common = dict(k=config.folds, repeats=config.cv_repeats, seed=config.seed,
                       min_class_count=config.min_class_count, class_priors=config.class_shrinkage,
-                      test_membership=data.answers, bootstrap_resamples=config.bootstrap_resamples)
+                      test_membership=data.answers, bootstrap_resamples=config.bootstrap_resamples,
+                      ranking=config.score_ranking)
         seed_sel = select(seed_cands, ev, data.eval.labels, m_eval, te, data.test.labels,
                                   selection="in_sample", **common)
         used = seed_sel
@@ -322,11 +323,13 @@ class RunResult:
 def run(bundle: Bundle | str | Path, config: RunConfig | None = None, *, progress: bool = True,
         log=print) -> RunResult:
     """Score and attack every victim of ``bundle``. Writes nothing (see mia.submission.write_run).
+    ``log`` receives the progress lines (None: silent).
 
     A failing victim raises, unless ``config.keep_going``: then it is recorded in ``failures`` and
     the other victims are finished.
     """
     config = config or RunConfig()
+    log = log if log is not None else (lambda _: None)  # None: silent, like the functions it calls
     t0 = time.perf_counter()
     wanted = list(config.victims) if config.victims is not None else None
     if not isinstance(bundle, Bundle):

@@ -40,7 +40,7 @@ def comparison_rows(result) -> list[dict]:
         if used.test is None:
             continue
         rows.append({"task": o.task.task, "victim": o.victim, "seed_attack": o.seed.chosen, "attack": o.used.chosen,
-                     "seed": seed.test, "ours": used.test, "seed_intervals": o.seed.test_intervals,
+                     "seed": o.seed.test_metrics, "ours": o.used.test_metrics, "seed_intervals": o.seed.test_intervals,
                      "intervals": o.used.test_intervals})
     return rows
 
@@ -113,7 +113,7 @@ def reference_table(result) -> str | None:
         by_name = {c.name: c for c in o.used.candidates}
         entries = [(f"seed: {o.seed.chosen}", o.seed.chosen_report.test)]
         entries += [(n, by_name[n].test) for n in REFERENCE_ATTACKS if n in by_name]
-        entries.append((f"ours: {o.used.chosen}", o.used.chosen_report.test))
+        entries.append((f"ours: {o.used.chosen}", o.used.test_metrics))
         for name, m in entries:
             out.append([o.victim, o.task.access, str(data.n_reference_models), name, _pct(m["accuracy"]),
                         _pct(m["auc"]), _pct(m["tpr_at_1pct_fpr"]), _pct(m["tpr_at_01pct_fpr"])])

@@ -11,6 +11,7 @@ from mia.attacks import Candidate, Fitted, fit
 from mia.config import RunConfig
 from mia.core.folds import repeated_stratified_folds, stratified_folds
 from mia.core.metrics import attack_metrics, bootstrap_intervals
+from mia.core.thresholds import consistent_ranking
 
 __all__ = ["CandidateReport", "Selection", "cross_validate", "cross_validate_repeated", "cv_summary", "select",
            "stratified_folds"]
@@ -51,7 +52,10 @@ class Selection:
     test_predictions: np.ndarray  # (n_test,) int64 0/1
     fitted_all: dict[str, Fitted] = field(default_factory=dict)
     repeats: int | None = None  # repeats of the k-fold split (selection="cv")
-    test_intervals: dict | None = None  # bootstrap intervals of the chosen attack on test (with an answer key)
+    test_intervals: dict | None = None  # bootstrap intervals of the submission on test (with an answer key)
+    ranking: str | None = None  # the candidate whose order test_scores follow (None: the chosen one's own scores)
+    threshold: float | None = None  # with ``ranking``: the threshold on test_scores (consistent_ranking)
+    test_metrics: dict | None = None  # the submission (test_predictions, test_scores) against the answer key
 
     @property
     def chosen_report(self) -> CandidateReport:
@@ -61,6 +65,8 @@ class Selection:
     def score_threshold(self) -> float:
         """The threshold on ``test_scores`` that gives ``test_predictions``: member exactly when score >= it
         (0 for per-class thresholds, whose scores are already shifted by their class's threshold)."""
+        if self.threshold is not None:
+            return float(self.threshold)
         return 0.0 if self.fitted.candidate.kind == "class" else float(self.fitted.threshold)
 
 
@@ -158,6 +164,7 @@ def select(
     test_membership: np.ndarray | None = None,
     floor: str | None = None,
     bootstrap_resamples: int = RunConfig.bootstrap_resamples,
+    ranking: bool = RunConfig.score_ranking,
 ) -> Selection:
     """Fit every candidate, choose one, and predict test membership with it refitted on all of eval.
 
@@ -173,6 +180,10 @@ def select(
     ``class_priors``: the shrinkage strengths per-class thresholds choose from (``attacks.fit``).
     ``bootstrap_resamples`` > 0 with ``test_membership``: percentile bootstrap intervals of the chosen
     attack on test (``Selection.test_intervals``).
+    ``ranking`` (selection="cv"): the predictions are judged by accuracy, the scores by their order (AUC,
+    TPR at low FPR), so each follows its own choice: when another candidate has the best CV AUC, the test
+    scores follow its order, made to give the chosen candidate's predictions at one threshold
+    (``consistent_ranking``: only the records the two disagree on move, to that threshold).
     """
     eval_membership = np.asarray(eval_membership, dtype=np.int64)
     if selection not in ("cv", "in_sample"):
@@ -204,10 +215,20 @@ def select(
     chosen = fitted_all[best_name]
     test_scores = chosen.score(test_feats, test_labels)
     test_predictions = chosen.predict(test_feats, test_labels).astype(np.int64)
-    intervals = None
-    if test_membership is not None and bootstrap_resamples > 0:
-        intervals = bootstrap_intervals(test_scores, test_predictions, np.asarray(test_membership, dtype=np.int64),
-                                        n_resamples=bootstrap_resamples, seed=seed).to_dict()
+    rank_name, threshold = None, None
+    if ranking and folds is not None:
+        best_auc = _best_auc(reports)
+        order = fitted_all[best_auc].score(test_feats, test_labels) if best_auc not in (None, best_name) else None
+        if order is not None and np.isfinite(order).all():
+            rank_name = best_auc
+            test_scores, threshold = consistent_ranking(order, test_predictions)
+    intervals, metrics = None, None
+    if test_membership is not None:
+        truth = np.asarray(test_membership, dtype=np.int64)
+        metrics = attack_metrics(test_scores, test_predictions, truth).to_dict()
+        if bootstrap_resamples > 0:
+            intervals = bootstrap_intervals(test_scores, test_predictions, truth, n_resamples=bootstrap_resamples,
+                                            seed=seed).to_dict()
     return Selection(
         chosen=best_name,
         selection=selection,
@@ -220,7 +241,18 @@ def select(
         fitted_all=fitted_all,
         repeats=repeats if selection == "cv" else None,
         test_intervals=intervals,
+        ranking=rank_name,
+        threshold=threshold,
+        test_metrics=metrics,
     )
+
+
+def _best_auc(reports: list[CandidateReport]) -> str | None:
+    """The first candidate with the highest CV AUC (None when no candidate has one)."""
+    aucs = [r.cv["auc"] for r in reports if r.cv["auc"] is not None]
+    if not aucs:
+        return None
+    return next(r.name for r in reports if r.cv["auc"] is not None and r.cv["auc"] >= max(aucs) - 1e-12)
 
 
 def _best_accuracy(reports: list[CandidateReport]) -> str:

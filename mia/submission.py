@@ -55,7 +55,8 @@ def _json_safe(obj):
 def _selection_summary(sel) -> dict:
     rep = sel.chosen_report
     return {"attack": sel.chosen, "description": rep.description, "fit": rep.fit, "eval": rep.eval,
-            "cv": rep.cv, "test": rep.test,
+            "cv": rep.cv, "test": sel.test_metrics,  # the submission's predictions and scores (None without a key)
+            "scores_order": sel.ranking or sel.chosen,  # the candidate whose order the scores follow
             "test_intervals": sel.test_intervals}  # bootstrap 95% intervals on test (None without answer key)
 
 

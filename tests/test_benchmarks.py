@@ -231,9 +231,12 @@ def test_attacks_benchmark_with_and_without_references(tiny_bundle, copy_bundle,
     root = copy_bundle(tiny_bundle, tmp_path / "bundle")
     victim = discover(root, victims=["vgg16_fashionmnist"]).victims[0]
     train_references(root, victim, ReferenceRecipe(k=2, epochs=1, batch_size=16, device="cpu"), progress=False)
-    res = run(AttacksConfig(bundle=root, device="cpu", victims=("vgg16_fashionmnist",)), log=lambda _: None)
-    ks = {(r["access"], r["k"]) for r in res.rows}
-    assert ks == {("posterior", 0), ("posterior", 2), ("label", 0), ("label", 2)}
+    res = run(AttacksConfig(bundle=root, device="cpu", victims=("vgg16_fashionmnist",), budgets=(1, 2, None)),
+              log=lambda _: None)
+    ks = [(r["access"], r["k"]) for r in res.rows if r["attack"].startswith("ours")]
+    assert ks == [("posterior", 0), ("label", 0), ("posterior", 1), ("label", 1), ("posterior", 2), ("label", 2)]
+    one, two = ([r["training_s"] for r in res.rows if r["k"] == k] for k in (1, 2))
+    assert 0 < one[0] < two[0]  # the first model's training time, then both (None repeats K = 2: not reported)
     names = [r["attack"] for r in res.rows if r["k"] == 2 and r["access"] == "posterior"]
     assert names[0].startswith("ours: ") and {"lira_online", "lira_offline", "rmia"} <= set(names)
     assert all(r["training_s"] > 0 for r in res.rows if r["k"] == 2)

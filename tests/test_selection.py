@@ -96,6 +96,26 @@ def test_bootstrap_intervals_of_the_chosen_attack_on_test():
     assert no_key.test_intervals is None
 
 
+def test_scores_follow_the_best_cv_auc_and_give_the_chosen_predictions():
+    """The predictions come from the accuracy choice, the scores' order from the best CV AUC."""
+    rng = np.random.default_rng(11)
+    n = 600
+    m = _membership(n, rng)
+    labels = rng.integers(0, 3, n)
+    # 'step': 0/1, right for 80 % of the records (accuracy 0.8, AUC 0.8, no order within a side);
+    # 'smooth': a Gaussian shift of 1.5 (accuracy Phi(0.75) = 0.77, AUC Phi(1.06) = 0.86)
+    feats = {"step": (m ^ (rng.random(n) < 0.2)).astype(float), "smooth": 1.5 * m + rng.normal(size=n)}
+    cands = (Candidate("global", "step"), Candidate("global", "smooth"))
+    sel = selection.select(cands, feats, labels, m, feats, labels, test_membership=m, bootstrap_resamples=0)
+    assert (sel.chosen, sel.ranking) == ("step", "smooth")
+    np.testing.assert_array_equal((sel.test_scores >= sel.score_threshold).astype(int), sel.test_predictions)
+    assert sel.test_metrics["accuracy"] == sel.chosen_report.test["accuracy"]  # the predictions are the chosen's
+    assert sel.test_metrics["auc"] > sel.chosen_report.test["auc"] + 0.05
+    own = selection.select(cands, feats, labels, m, feats, labels, test_membership=m, bootstrap_resamples=0,
+                           ranking=False)
+    assert own.ranking is None and own.test_metrics == own.chosen_report.test
+
+
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(30, 80), strength=st.floats(0.0, 1.0))
 def test_chosen_cv_accuracy_is_never_below_the_seed_methods(seed, n, strength):

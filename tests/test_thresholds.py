@@ -10,6 +10,7 @@ from mia.core.thresholds import (
     ClassThresholds,
     brute_force_sweep,
     choose_shrinkage,
+    consistent_ranking,
     grid_sweep,
     predict,
     predict_per_class,
@@ -328,3 +329,32 @@ def test_choose_shrinkage_single_value_and_determinism():
     s, m, lab = _class_data(0, 300, 5, 0.5)
     assert choose_shrinkage(s, m, lab, (1.0,)) == 1.0
     assert choose_shrinkage(s, m, lab, GRID, seed=3) == choose_shrinkage(s, m, lab, GRID, seed=3)
+
+
+def test_consistent_ranking_by_hand():
+    rank = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    pred = np.array([0, 0, 1, 0, 1, 1])  # agrees with rank >= 0.25 except record 3 (0.4, predicted 0)
+    scores, t = consistent_ranking(rank, pred)
+    np.testing.assert_array_equal((scores >= t).astype(int), pred)
+    # the best cut is 0.25 (one disagreement; 0.45 has one too, sweep keeps the first): only record 3 moves
+    assert t == pytest.approx(0.25)
+    np.testing.assert_array_equal(scores[[0, 1, 2, 4, 5]], rank[[0, 1, 2, 4, 5]])
+    assert scores[3] == np.nextafter(t, -np.inf)
+    # a predicted member below the cut moves up to it
+    scores, t = consistent_ranking(rank, np.array([1, 0, 0, 0, 1, 1]))
+    assert t == pytest.approx(0.45) and scores[0] == t and (scores[1:4] == rank[1:4]).all()
+    # everyone or no one a member: the ranking as is, at -inf / +inf
+    assert consistent_ranking(rank, np.ones(6))[1] == -np.inf and consistent_ranking(rank, np.zeros(6))[1] == np.inf
+    with pytest.raises(ValueError, match="finite"):
+        consistent_ranking(np.array([0.0, np.inf]), np.array([0, 1]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(-5, 5), st.booleans()), min_size=1, max_size=40))
+def test_consistent_ranking_always_gives_the_predictions(records):
+    rank = np.array([float(r) for r, _ in records])
+    pred = np.array([int(p) for _, p in records])
+    scores, t = consistent_ranking(rank, pred)
+    np.testing.assert_array_equal((scores >= t).astype(int), pred)
+    agree = (rank >= t) == pred.astype(bool)
+    np.testing.assert_array_equal(scores[agree], rank[agree])  # records on the right side keep their scores

@@ -69,6 +69,7 @@ def _run_config(args) -> RunConfig:
         references=args.references == "auto" and not args.no_references,
         reference_budget=args.reference_budget,
         reference_models=args.reference_models,
+        score_ranking=args.scores == "ranking",
         reference_views=args.reference_views,
         label_noise=_parse_noise_levels(args.label_noise),
         label_noise_draws=args.label_noise_draws,
@@ -90,6 +91,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=d.folds, help=f"k of the k-fold cross-validation on eval (default {d.folds})")
     p.add_argument("--cv-repeats", type=int, default=d.cv_repeats,
                    help=f"independent k-fold splits of eval averaged, the same for every candidate (default {d.cv_repeats})")
+    p.add_argument("--scores", choices=("ranking", "chosen"), default="ranking" if d.score_ranking else "chosen",
+                   help="results/scores/: ranking (default) = in the order of the candidate with the best CV AUC, "
+                        "giving the chosen predictions at the threshold in result.json; chosen = the chosen "
+                        "candidate's own scores")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--task", action="append", metavar="K=ACCESS",

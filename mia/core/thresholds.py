@@ -21,6 +21,8 @@ reaching the best accuracy (so between equally good cuts the one predicting more
 ``sweep_per_class`` can shrink each class's threshold towards the global one (``shrinkage``), and
 ``choose_shrinkage`` picks that strength by cross-validation.
 
+``consistent_ranking`` makes one attack's scores give another's predictions at one threshold.
+
 ``grid_sweep`` (the usual 100-point grid) and ``brute_force_sweep`` (O(n^2) reference) are public
 baselines for tests and benchmarks.
 """
@@ -34,6 +36,7 @@ from mia.core.folds import stratified_folds
 
 __all__ = [
     "ClassThresholds",
+    "consistent_ranking",
     "choose_shrinkage",
     "Sweep",
     "brute_force_sweep",
@@ -193,6 +196,34 @@ def predict(scores, threshold: float) -> np.ndarray:
     if np.isnan(threshold):
         raise ValueError("threshold is NaN")
     return (s >= threshold).astype(np.int64)
+
+
+def consistent_ranking(rank_scores, predictions) -> tuple[np.ndarray, float]:
+    """(scores, threshold): scores in the order of ``rank_scores`` wherever it agrees with ``predictions``,
+    such that ``scores >= threshold`` is exactly ``predictions``. -> float64 (n,), float.
+
+    The threshold is the cut on ``rank_scores`` that agrees with the most predictions (``sweep`` with the
+    predictions as labels); only the records on the wrong side of it move, to the threshold itself
+    (predicted members) or to the float just below it (predicted non-members), so the ranking's top and
+    bottom stay as they were: its AUC and its TPR at low FPR are kept up to those few records.
+    ValueError for non-finite ``rank_scores``."""
+    rank = _as_scores(rank_scores)
+    pred = _as_binary(predictions, len(rank), "predictions").astype(bool)
+    if not np.isfinite(rank).all():
+        raise ValueError("consistent_ranking needs finite scores")
+    if len(rank) == 0 or pred.all():
+        return rank.copy(), -np.inf
+    if not pred.any():
+        return rank.copy(), np.inf
+    t = float(sweep(rank, pred.astype(np.int64)).best_threshold)
+    if t == -np.inf:  # the same split with a finite threshold
+        t = float(rank.min())
+    elif t == np.inf:
+        t = float(np.nextafter(rank.max(), np.inf))
+    scores = rank.copy()
+    scores[pred & (rank < t)] = t
+    scores[~pred & (rank >= t)] = np.nextafter(t, -np.inf)
+    return scores, t
 
 
 def sweep_per_class(scores, membership, labels, min_count: int = 20, shrinkage: float = 0.0) -> ClassThresholds:
