@@ -36,8 +36,7 @@ def comparison_rows(result) -> list[dict]:
     their bootstrap intervals (None when not computed)."""
     rows = []
     for o in result.outcomes:
-        seed, used = o.seed.chosen_report, o.used.chosen_report
-        if used.test is None:
+        if o.used.test_metrics is None:
             continue
         rows.append({"task": o.task.task, "victim": o.victim, "seed_attack": o.seed.chosen, "attack": o.used.chosen,
                      "seed": o.seed.test_metrics, "ours": o.used.test_metrics, "seed_intervals": o.seed.test_intervals,
