@@ -432,3 +432,22 @@ def test_grouped_rate_llr_by_hand():
     np.testing.assert_allclose(llr, [2 * math.log(5), 2 * math.log(5)], rtol=1e-12)
     with pytest.raises(ValueError, match="groups"):
         grouped_rate_llr(np.array([[3], [3]]), ref, labels, mask, np.array([0.0, 1.0]))
+
+
+def test_one_reference_model_end_to_end(bundle, tmp_path):
+    """`mia references --k 1`: one model on a random half of the pool feeds every reference attack."""
+    victim = bundle.victims[0]
+    train_references(bundle.root, victim, ReferenceRecipe(k=1, epochs=1, batch_size=16, device="cpu"),
+                     progress=False, references_root=tmp_path)
+    ref_set = load_reference_set(bundle.root, victim, references_root=tmp_path)
+    assert ref_set.complete == (0,) and ref_set.masks.sum() == 32  # 64 pool records, half of them IN
+    ev_logits, te_logits, ev_labels, te_labels, names = _victim_logits(bundle)
+    membership = load_records(victim.eval_path, with_membership=True).membership
+    answers = dataclasses.replace(_answers(ev_logits, te_logits, ev_labels, te_labels, names),
+                                  eval_membership=membership)
+    one = victim_reference_features(bundle.root, victim, answers, ReferenceOptions(device="cpu", references_root=tmp_path))
+    assert one.k == 1 and len(one.sanity) == 1
+    for split in ("eval", "test"):
+        assert {"lira_offline", "rmia", "bmia", "ref_out_lsc"} <= set(one.posterior[split])
+        for values in (*one.posterior[split].values(), *one.label_only[split].values()):
+            assert values.shape == (32,) and np.isfinite(values).all()
