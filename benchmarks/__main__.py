@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep: extrapolate brute force when its projected time exceeds this (default 20)")
     p.add_argument("--bundle", type=Path, default=None,
                    help="e2e: bundle to copy and run (default: the demo bundle if built, else a tiny one)")
+    p.add_argument("--compile", action="store_true", help="scoring: also time the project path through torch.compile")
     p.add_argument("--label-noise", default="none", metavar="S1,S2,...",
                    help="attacks: the label-only noisy queries' levels (default none; the run's default is 0.1,0.15)")
     p.add_argument("--no-subprocess", action="store_true",
@@ -65,7 +66,7 @@ def run_benchmarks(args: argparse.Namespace, log=print) -> dict[str, BenchResult
 
             widths = None if args.width is None else {a: args.width for a in ("resnet34", "vgg16", "mobilenetv2")}
             cfg = ScoringConfig(device=args.device, repeat=args.repeat, peak_tflops=args.peak_tflops,
-                                widths=widths, n=args.records, threads=args.threads)
+                                widths=widths, n=args.records, threads=args.threads, compile=args.compile)
             if args.tiny:
                 cfg.widths = widths or {"resnet34": 4, "vgg16": 4, "mobilenetv2": 4}
                 cfg.n = args.records or 64

@@ -59,6 +59,7 @@ class ScoringConfig:
     num_classes: int = 10
     signal_n: int = 20000  # records in the signals-only comparison
     seed: int = 0
+    compile: bool = False  # also time the project path through torch.compile (compiled before timing)
 
     def resolved(self) -> ScoringConfig:
         dev = resolve_device(self.device)
@@ -78,6 +79,7 @@ class ScoringConfig:
             num_classes=self.num_classes,
             signal_n=self.signal_n,
             seed=self.seed,
+            compile=self.compile,
         )
 
 
@@ -123,9 +125,9 @@ def naive_scoring(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray
 
 
 def project_scoring(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device,
-                    batch_size: int = PROJECT_BATCH) -> dict[str, np.ndarray]:
+                    batch_size: int = PROJECT_BATCH, compile: bool = False) -> dict[str, np.ndarray]:
     """The project: compute_logits (identity view) + all_signals. -> {signal: (n,) float64}."""
-    logits = compute_logits(model, images, (IDENTITY,), device=device, batch_size=batch_size)
+    logits = compute_logits(model, images, (IDENTITY,), device=device, batch_size=batch_size, compile=compile)
     return all_signals(logits[0], labels)
 
 
@@ -166,11 +168,23 @@ def _measure_model(arch: str, size: int, cfg: ScoringConfig, dev: torch.device) 
         _sync(dev)
         return out
 
+    paths = {"naive": run_naive, "project": run_project}
+    if cfg.compile:
+        compiled_model = copy.deepcopy(model)
+
+        def run_compiled():
+            _sync(dev)
+            out = project_scoring(compiled_model, images, labels, dev, compile=True)
+            _sync(dev)
+            return out
+
+        paths["compiled"] = run_compiled
+        run_compiled()  # compiles for both batch shapes (full and last), not timed
     # Warm-up (kernel selection, allocator, lazy imports) on a slice, not timed.
     warm = min(cfg.n, PROJECT_BATCH)
     naive_scoring(naive_model, images[:warm], labels[:warm], dev)
     project_scoring(model, images[:warm], labels[:warm], dev)
-    times = interleaved({"naive": run_naive, "project": run_project}, cfg.repeat)
+    times = interleaved(paths, cfg.repeat)
     row = {
         "arch": arch,
         "width": width,
@@ -188,7 +202,10 @@ def _measure_model(arch: str, size: int, cfg: ScoringConfig, dev: torch.device) 
         "speedup_cpu_time": best_ratio(times, "naive", "project", "cpu"),
         "speedup_median_of_pairs": pair_ratio(times, "naive", "project", "wall"),
     }
-    for path in ("naive", "project"):
+    if cfg.compile:
+        row["compiled_records_per_s"] = cfg.n / min(times["compiled"]["wall"])
+        row["compiled_speedup"] = best_ratio(times, "naive", "compiled", "wall")
+    for path in ("naive", "project", "compiled") if cfg.compile else ("naive", "project"):
         achieved = flops * row[f"{path}_records_per_s"]
         row[f"{path}_tflops"] = achieved / 1e12
         row[f"{path}_peak_fraction"] = achieved / (cfg.peak_tflops * 1e12) if cfg.peak_tflops else None
@@ -246,6 +263,8 @@ def run(config: ScoringConfig | None = None, log=print) -> BenchResult:
                "baseline TFLOP/s", "project TFLOP/s"]
     if cfg.peak_tflops:
         headers += ["baseline % peak", "project % peak"]
+    if cfg.compile:
+        headers += ["compiled rec/s", "compiled speedup"]
     if cuda:
         headers += ["project peak GPU MiB"]
     table_rows = []
@@ -256,6 +275,8 @@ def run(config: ScoringConfig | None = None, log=print) -> BenchResult:
                  fmt(r["naive_tflops"]), fmt(r["project_tflops"])]
         if cfg.peak_tflops:
             cells += [f"{100 * r['naive_peak_fraction']:.2f}%", f"{100 * r['project_peak_fraction']:.2f}%"]
+        if cfg.compile:
+            cells += [fmt(r["compiled_records_per_s"]), f"{r['compiled_speedup']:.2f}x"]
         if cuda:
             cells += [fmt(r["cuda_max_memory_mib"])]
         table_rows.append(cells)

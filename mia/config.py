@@ -58,6 +58,8 @@ class RunConfig:
     batch_size: int = 256  # records per forward pass (each expands to one image per view)
     precision: str = "auto"  # scoring arithmetic: "auto" (bf16 autocast with an fp32 classifier head on CUDA,
     #   fp32 elsewhere), "fp32", or "bf16" (also on the CPU, where it emulates a GPU run); see mia.scoring
+    compile: bool = False  # score through torch.compile (mia.scoring.compute_logits): pays off on a GPU for a
+    #   whole challenge bundle; the logits are cached apart from uncompiled ones
     plots: bool = True  # write results/plots/*.png
     cache: bool = True  # cache logits, validated records and figures, keyed by contents (never inside the bundle)
     cache_dir: str | None = None  # the cache's folder; None: $MIA_CACHE_DIR, else the user's cache folder

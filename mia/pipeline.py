@@ -122,7 +122,7 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
                                    if config.label_noise and any(t.access == "label" for t in config.tasks)
                                    else ((), []))
     cache_dir = cache_root(config.cache_dir) if config.cache else None
-    key = (info.architecture_file, builder_key(info), precision_tag(config.device, config.precision))
+    key = (info.architecture_file, builder_key(info), precision_tag(config.device, config.precision, config.compile))
 
     def entry(split: str, recs: Records, queries, suffix: str = "") -> Path | None:
         return logits_cache_path(cache_dir, (victim.checkpoint, recs.path, *key),
@@ -144,7 +144,7 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         def compute():
             try:
                 return compute_logits(model, recs.images, queries, device=config.device, batch_size=config.batch_size,
-                                      precision=config.precision,
+                                      precision=config.precision, compile=config.compile,
                                       progress=f"{victim.name} {split}{suffix}" if progress else False,
                                       labels_only=labels_only)
             except RuntimeError as e:  # shape errors from the model itself

@@ -9,6 +9,7 @@ them in float64 (mia.core.signals).
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -121,13 +122,14 @@ def resolve_precision(device: str | torch.device | None, precision: str = "auto"
     return precision
 
 
-def precision_tag(device: str | torch.device | None, precision: str = "auto") -> str:
+def precision_tag(device: str | torch.device | None, precision: str = "auto", compile: bool = False) -> str:
     """Everything about how compute_logits runs on ``device`` that changes its numbers: the device type,
-    the arithmetic (bf16 autocast with an fp32 head, or fp32) and the torch version. Part of every logits
-    cache key, so logits computed one way are never reused for a run of another."""
+    the arithmetic (bf16 autocast with an fp32 head, or fp32), ``torch.compile`` (fused kernels round
+    differently) and the torch version. Part of every logits cache key, so logits computed one way are
+    never reused for a run of another."""
     dev = resolve_device(device)
     mode = "bf16-autocast-fp32-head" if resolve_precision(dev, precision) == "bf16" else "fp32"
-    return f"device={dev.type};{mode};torch={torch.__version__}"
+    return f"device={dev.type};{mode}{';compiled' if compile else ''};torch={torch.__version__}"
 
 
 def classifier_head(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -155,6 +157,7 @@ def compute_logits(
     labels_only: bool = False,
     precision: str = "auto",
     fp32_head: bool = True,
+    compile: bool = False,
 ) -> np.ndarray:
     """Logits of ``model`` on ``images`` (n, C, H, W) float32 under each view -> (V, n, classes) float32;
     with ``labels_only`` just the predicted labels (argmax) -> (V, n) int64 (for many noisy queries).
@@ -165,7 +168,9 @@ def compute_logits(
     batch is split into forward passes of ``CPU_FORWARD_IMAGES`` images. ``precision`` (see
     resolve_precision): under "bf16" the body runs in bf16 autocast and, with ``fp32_head``, the
     classifier head (classifier_head) in fp32, so the logits are not rounded to bf16's 8-bit mantissa.
-    The model is put in eval mode.
+    ``compile``: the forward pass goes through ``torch.compile`` (compiled once per model and input
+    shape, the first batch pays for it); when compiling fails (no C++ compiler, an operator it cannot
+    trace) a RuntimeWarning says so and the pass runs uncompiled. The model is put in eval mode.
     """
     dev = resolve_device(device)
     model = model.to(dev).eval().to(memory_format=torch.channels_last)
@@ -173,10 +178,26 @@ def compute_logits(
     head = classifier_head(model) if bf16 and fp32_head else None
     hook = head.register_forward_hook(_head_in_fp32) if head is not None else None
     try:
+        if compile:
+            try:
+                return _forward_views(_compiled(model), images, views, dev, batch_size, progress, labels_only, bf16)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the same pass, uncompiled
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                              "scoring without it", RuntimeWarning, stacklevel=2)
         return _forward_views(model, images, views, dev, batch_size, progress, labels_only, bf16)
     finally:
         if hook is not None:
             hook.remove()
+
+
+def _compiled(model: torch.nn.Module):
+    """``torch.compile`` of the model, kept on it so a second call (the test split, the noisy queries) reuses
+    the compiled code; shapes that vary (the last, smaller batch) are compiled as dynamic."""
+    compiled = getattr(model, "_mia_compiled", None)
+    if compiled is None:
+        compiled = torch.compile(model, dynamic=None)
+        object.__setattr__(model, "_mia_compiled", compiled)
+    return compiled
 
 
 def _forward_views(model: torch.nn.Module, images: np.ndarray, views: tuple[View, ...], dev: torch.device,

@@ -151,6 +151,16 @@ def test_scoring_peak_fraction_and_threads():
     assert torch.get_num_threads() == before  # restored
 
 
+@pytest.mark.slow
+def test_scoring_benchmark_times_the_compiled_path():
+    cfg = ScoringConfig(archs=("vgg16",), sizes=(32,), n=6, widths={"vgg16": 4}, device="cpu", repeat=1,
+                        signal_n=20, compile=True)
+    res = run_scoring(cfg, log=_quiet)
+    (row,) = [r for r in res.rows if "arch" in r]
+    assert row["compiled_records_per_s"] > 0 and row["compiled_speedup"] > 0
+    assert "compiled rec/s" in res.tables[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end and the CLI
 

@@ -1,6 +1,8 @@
 """Query views with Gaussian noise and label-only scoring (mia.scoring)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,7 @@ def test_precision_is_part_of_the_logits_cache_key(tmp_path, monkeypatch):
     assert precision_tag("cuda") == f"device=cuda;bf16-autocast-fp32-head;torch={torch.__version__}"
     assert precision_tag("cpu", "bf16") == f"device=cpu;bf16-autocast-fp32-head;torch={torch.__version__}"
     assert precision_tag("cuda", "fp32") == f"device=cuda;fp32;torch={torch.__version__}"
+    assert precision_tag("cpu", compile=True) == f"device=cpu;fp32;compiled;torch={torch.__version__}"
     keys = {cache_key(f, f, (IDENTITY,), None, "", p) for p in ("", precision_tag("cpu"), precision_tag("cuda"))}
     assert len(keys) == 3  # a bf16 GPU run and an fp32 CPU run never share cached logits
 
@@ -113,3 +116,41 @@ def test_cuda_scoring_agrees_with_the_cpu():
     cpu = compute_logits(model, images, device="cpu", precision="fp32")
     gpu = compute_logits(model, images, device="cuda", precision="auto")
     assert np.abs(gpu - cpu).max() < 0.05 and (gpu.argmax(-1) == cpu.argmax(-1)).mean() > 0.95
+
+
+def _small_convnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 5))
+
+
+def test_a_failing_compile_warns_and_scores_uncompiled(monkeypatch):
+    model = _small_convnet()
+    images = np.random.default_rng(1).normal(size=(10, 3, 8, 8)).astype(np.float32)
+    eager = compute_logits(model, images, (IDENTITY, FLIP), device="cpu", batch_size=4)
+
+    def broken(module, **kwargs):
+        def fail(*args, **kw):
+            raise RuntimeError("no C++ compiler\nsecond line")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .RuntimeError: no C.. compiler.; scoring without"):
+        logits = compute_logits(_small_convnet(), images, (IDENTITY, FLIP), device="cpu", batch_size=4, compile=True)
+    np.testing.assert_array_equal(logits, eager)
+
+
+@pytest.mark.slow
+def test_compiled_scoring_matches_eager_on_the_cpu():
+    """torch.compile with the CPU's C++ backend (tens of seconds to compile): the same logits up to rounding,
+    for batches of two shapes (the last batch is smaller) and a second call reusing the compiled model."""
+    model = _small_convnet()
+    images = np.random.default_rng(2).normal(size=(10, 3, 8, 8)).astype(np.float32)
+    eager = compute_logits(model, images, (IDENTITY, FLIP), device="cpu", batch_size=4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile failed")  # the compiled path, not the fallback
+        compiled = compute_logits(model, images, (IDENTITY, FLIP), device="cpu", batch_size=4, compile=True)
+        again = compute_logits(model, images[:4], (IDENTITY,), device="cpu", batch_size=4, compile=True)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again[0], eager[0, :4], rtol=1e-5, atol=1e-5)
+    assert getattr(model, "_mia_compiled", None) is not None

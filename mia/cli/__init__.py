@@ -60,6 +60,7 @@ def _run_config(args) -> RunConfig:
         seed=args.seed,
         device=args.device,
         precision=args.precision,
+        compile=args.compile,
         batch_size=args.batch_size,
         plots=not args.no_plots,
         cache=not args.no_cache,
@@ -84,6 +85,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
                    help="scoring arithmetic: auto = bf16 autocast with an fp32 classifier head on CUDA, fp32 on the "
                         f"CPU; bf16 on the CPU emulates a GPU run (default {d.precision})")
+    p.add_argument("--compile", action="store_true", default=d.compile,
+                   help="score through torch.compile (worth it on a GPU for a whole bundle; the first batch of "
+                        "each shape pays for compiling)")
     p.add_argument("--method", choices=("strong", "seed"), default=d.method,
                    help="strong: every candidate, chosen by cross-validation (default); seed: the seed's method")
     p.add_argument("--views", choices=("identity", "flip", "standard"), default=d.views,
