@@ -19,6 +19,15 @@ def test_logit_moments_by_hand():
     np.testing.assert_allclose(kappa, [1 + 4 + 1, 1])
 
 
+def test_kappa_in_blocks_equals_the_direct_formula():
+    rng = np.random.default_rng(3)
+    v = np.cov(rng.standard_normal((4, 50)))  # (4, 4) positive definite
+    lap = LastLayerLaplace(np.zeros((2, 4)), np.eye(2), v)
+    x = rng.standard_normal((5000, 3))  # more records than one block
+    xt = np.concatenate([x, np.ones((5000, 1))], axis=1)
+    np.testing.assert_allclose(lap.logit_moments(x)[1], np.einsum("nd,de,ne->n", xt, v, xt), rtol=1e-12)
+
+
 def test_logit_covariance_is_kappa_times_row_covariance():
     # sample W from the matrix normal (row covariance U, column covariance V) and compare the logits' covariance
     rng = np.random.default_rng(0)

@@ -54,7 +54,8 @@ class LastLayerLaplace:
     def logit_moments(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean logits (n, C), kappa (n,)): the logits are N(mean, kappa * U) for features (n, D)."""
         x = _augment(features)
-        kappa = ((x @ self.col_cov) * x).sum(axis=1)
+        kappa = np.concatenate([((block @ self.col_cov) * block).sum(axis=1)  # blocks: memory O(block * D)
+                                for block in np.array_split(x, max(1, -(-len(x) // 2048)))]) if len(x) else np.zeros(0)
         return x @ self.weight.T, np.maximum(kappa, 0.0)
 
 

@@ -15,6 +15,7 @@ from mia.references.store import ReferenceSet
 from mia.scoring import IDENTITY, View, classifier_head, compute_logits, precision_tag
 
 LOGITS_FORMAT = 1  # bump when cached reference logits would change
+FEATURES_CACHE_BYTES = 256 * 2**20  # larger penultimate-feature arrays are recomputed, not cached
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,10 +144,14 @@ def reference_features(ref_set: ReferenceSet, j: int, views: tuple[View, ...], d
                        batch_size: int = 256, *, cache: bool = True, cache_dir: str | Path | None = None,
                        pool: Pool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Reference model j's penultimate features on the whole pool under ``views`` -> ((V, N_pool, D) float32,
-    head weight (C, D), head bias (C,) or None). The features are cached like the logits."""
-    root = cache_root(cache_dir) if cache else None
-    path = _logits_cache_path(root, ref_set, j, views, device=device, what=";features") if root is not None else None
+    head weight (C, D), head bias (C,) or None). The features are cached like the logits when they take at
+    most FEATURES_CACHE_BYTES (a 4,096-wide head on a large pool would take gigabytes: recomputed instead)."""
     model = ref_set.load_model(j)
+    weight, bias = head_parameters(model)
+    small = len(views) * ref_set.n_pool * weight.shape[1] * 4 <= FEATURES_CACHE_BYTES
+    root = cache_root(cache_dir) if cache else None
+    path = (_logits_cache_path(root, ref_set, j, views, device=device, what=";features")
+            if root is not None and small else None)
 
     def compute() -> np.ndarray:
         images = (pool if pool is not None else ref_set.load_pool(cache_dir=root)).images
@@ -158,4 +163,4 @@ def reference_features(ref_set: ReferenceSet, j: int, views: tuple[View, ...], d
 
     arr, _ = cached_array(path, compute, valid, {"format": LOGITS_FORMAT, "views": [v.name for v in views],
                                                  "features": True})
-    return (arr, *head_parameters(model))
+    return arr, weight, bias
