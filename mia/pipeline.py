@@ -360,7 +360,8 @@ def run(bundle: Bundle | str | Path, config: RunConfig | None = None, *, progres
         result.outcomes.extend(outcomes)
         cached = " (logits from cache)" if data.cache_hits == 2 else ""
         if data.reference is not None:
-            cached += f", {data.n_reference_models} reference models (LiRA, RMIA)"
+            k = data.n_reference_models
+            cached += f", {k} reference model{'s' if k != 1 else ''} (LiRA, RMIA, BMIA)"
         if data.noise_levels:
             cached += f", {len(data.noise_levels)} noisy label-only queries"
         log(f"{victim.name}: {len(data.eval)} eval + {len(data.test)} test records, {len(data.view_names)} views, "

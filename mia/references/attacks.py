@@ -18,8 +18,8 @@ from mia.core.signals import integer_labels
 from mia.errors import MIAError
 from mia.io.cache import file_digest
 from mia.references.logits import reference_features, reference_logits, views_from_names
-from mia.scoring import IDENTITY
 from mia.references.store import ReferenceSet, load_reference_set
+from mia.scoring import IDENTITY
 
 __all__ = ["ReferenceFeatures", "ReferenceOptions", "VictimAnswers", "victim_reference_features"]
 
@@ -193,7 +193,8 @@ class ReferenceFeatures:
     """Everything the reference models add to one victim's run (``victim_reference_features``)."""
 
     k: int  # complete reference models used
-    posterior: dict[str, dict[str, np.ndarray]]  # split -> lira_online, lira_offline, rmia
+    posterior: dict[str, dict[str, np.ndarray]]  # split -> lira_online, lira_offline, rmia, ref_out_lsc (+ bmia,
+    #   bmia_online with ReferenceOptions.laplace)
     label_only: dict[str, dict[str, np.ndarray]]  # split -> calibrated_aug_count, label_lira (+ noise_lira,
     #   noise_rate_lr, calibrated_noise_correct with noisy queries)
     rmia_a: float = 0.3  # RMIA's offline parameter as used (tuned on eval with rmia_a="auto")
@@ -238,12 +239,13 @@ class ReferenceOptions:
 
 def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: VictimAnswers,
                               options: ReferenceOptions = ReferenceOptions()) -> ReferenceFeatures | None:
-    """LiRA (online, offline), RMIA and the label-only likelihood ratios of the victim's eval and test
-    records, the reference set and its logits loaded once; None without a usable reference set (or with
-    fewer than ``options.min_models`` complete models). MIAError when the references were trained on
-    other eval/test files.
+    """LiRA (online, offline), RMIA, the Laplace tests and the label-only likelihood ratios of the victim's
+    eval and test records, the reference set and its logits loaded once; None without a usable reference
+    set (or with fewer than ``options.min_models`` complete models). MIAError when the references were
+    trained on other eval/test files.
 
-    Posterior features: 'lira_online', 'lira_offline', 'rmia'. Label-only features see only the
+    Posterior features: 'lira_online', 'lira_offline', 'rmia', 'ref_out_lsc' (an input of the learned
+    attacks only) and, with ``options.laplace``, 'bmia' and 'bmia_online'. Label-only features see only the
     victim's predicted labels (the argmax of its logits): 'calibrated_aug_count', 'label_lira', and with
     noisy queries (``answers.*_noise_labels``, which the references answer too, labels only)
     'noise_lira' (``label_lira`` over the noisy queries: how much likelier the victim's answers are
