@@ -61,6 +61,8 @@ class TrainRecipe:
     weight_decay: float = 5e-4
     augment: bool = True  # random flip + random crop of the image padded by ``pad``
     pad: int = 2
+    optimizer: str = "sgd"  # "sgd" (momentum, weight decay) or "adam" (weight decay as an L2 term); both with
+    #   the cosine schedule
 
 
 def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, recipe: TrainRecipe, *,
@@ -80,8 +82,13 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
     x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
     y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
     n = len(y_all)
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    elif recipe.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                    weight_decay=recipe.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {recipe.optimizer!r}")
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs * n_batches(n, recipe.batch_size))
     start = time.perf_counter()
     loss_avg = acc = float("nan")

@@ -81,6 +81,16 @@ def test_masks_need_one_or_even_k(k):
         make_masks(k, 10, 0)
 
 
+def test_optimizer_is_in_the_fingerprint_only_when_not_sgd():
+    assert "optimizer" not in ReferenceRecipe().to_dict()  # sets trained before the option keep their fingerprint
+    adam = ReferenceRecipe(optimizer="adam", lr=0.002)
+    assert adam.to_dict()["optimizer"] == "adam" and ReferenceRecipe.from_dict(adam.to_dict()) == adam
+    assert ReferenceRecipe.from_dict(ReferenceRecipe().to_dict()).optimizer == "sgd"
+    assert adam.train_recipe().optimizer == "adam"
+    with pytest.raises(MIAError, match="optimizer"):
+        ReferenceRecipe(optimizer="rmsprop").validate()
+
+
 def test_parse_shard():
     assert parse_shard("1/4") == (1, 4)
     for bad in ("4/4", "1", "a/b", "-1/2"):

@@ -68,3 +68,22 @@ def test_training_is_deterministic_for_a_seed():
                          progress=False)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(weights[0], weights[1])
+
+
+def test_adam_trains_and_differs_from_sgd():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(24, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 24)
+    out = {}
+    for name in ("sgd", "adam"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        stats = train_classifier(model, x, y, TrainRecipe(epochs=2, batch_size=8, lr=0.01, optimizer=name), seed=0,
+                                 device=torch.device("cpu"), progress=False)
+        out[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert not torch.equal(out[name], before) and np.isfinite(stats["final_loss"])
+    assert not torch.allclose(out["sgd"], out["adam"])
+    with pytest.raises(ValueError, match="optimizer"):
+        train_classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3)), x, y,
+                         TrainRecipe(epochs=1, optimizer="lbfgs"), seed=0, device=torch.device("cpu"), progress=False)

@@ -26,6 +26,9 @@ def add_parser(subparsers) -> object:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=defaults.optimizer,
+                   help="sgd (momentum 0.9, default) or adam, both with a cosine schedule: match the victim's "
+                        "training (Adam usually wants --lr 0.001 to 0.002)")
     p.add_argument("--no-augment", action="store_true", help="no random flip / crop during training")
     p.add_argument("--pad", type=int, default=defaults.pad,
                    help=f"zero padding of the random crop, 0 = flips only (default {defaults.pad})")
@@ -62,7 +65,7 @@ def run_cli(args) -> int:
     shard = parse_shard(args.shard)
     recipe = ReferenceRecipe(k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              weight_decay=args.weight_decay, augment=not args.no_augment, pad=args.pad, seed=args.seed,
-                             device=args.device, width=args.width)
+                             device=args.device, width=args.width, optimizer=args.optimizer)
     recipe.validate()
     bundle_root = args.bundle if args.bundle is not None else default_bundle(progress=not args.quiet)
     bundle = discover(bundle_root, victims=list(args.victims) if args.victims else None)

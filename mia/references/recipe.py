@@ -10,6 +10,8 @@ from mia.training import TrainRecipe
 # --------------------------------------------------------------------------------------------------
 # Recipe
 
+OPTIMIZERS = ("sgd", "adam")
+
 
 @dataclass(frozen=True)
 class ReferenceRecipe:
@@ -17,15 +19,16 @@ class ReferenceRecipe:
 
     k: int = 8  # number of reference models: 1, or even with each record IN for exactly k/2 of them
     epochs: int = 15  # training epochs per model
-    batch_size: int = 128  # SGD batch size
+    batch_size: int = 128  # minibatch size
     lr: float = 0.05  # peak learning rate; cosine decay to 0 per step over all epochs
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # SGD weight decay
+    momentum: float = 0.9  # SGD momentum (unused by Adam)
+    weight_decay: float = 5e-4  # weight decay (L2)
     augment: bool = True  # random horizontal flip + random crop of the image zero-padded by `pad`
     pad: int = 4  # padding (pixels) of the random crop; 0 = flips only
     seed: int = 0  # masks and every model's initialisation, batch order and augmentation
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"; not fingerprinted
     width: int | None = None  # model width; None: the victim's width (read from its weights)
+    optimizer: str = "sgd"  # "sgd" or "adam" (match the victim's training; lr 1e-3 to 2e-3 is usual for Adam)
 
     def validate(self) -> None:
         """Raise MIAError on a recipe that cannot be trained."""
@@ -40,14 +43,22 @@ class ReferenceRecipe:
             raise MIAError(f"pad must be >= 0, got {self.pad}")
         if self.width is not None and self.width < 1:
             raise MIAError(f"width must be positive, got {self.width}")
+        if self.optimizer not in OPTIMIZERS:
+            raise MIAError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields (the fingerprint's recipe); ``optimizer`` only when not "sgd", so that reference sets
+        trained before it existed keep their fingerprint."""
+        data = dataclasses.asdict(self)
+        if data["optimizer"] == "sgd":
+            del data["optimizer"]
+        return data
 
     def train_recipe(self) -> TrainRecipe:
         """The mia.training recipe of one model."""
         return TrainRecipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-                           weight_decay=self.weight_decay, augment=self.augment, pad=self.pad)
+                           weight_decay=self.weight_decay, augment=self.augment, pad=self.pad,
+                           optimizer=self.optimizer)
 
     @classmethod
     def from_dict(cls, data: dict) -> ReferenceRecipe:
