@@ -79,14 +79,21 @@ def test_small_eval_set_picks_the_real_signal_over_per_class_noise(seed):
     assert sel.chosen == "weak"
 
 
-def test_bootstrap_intervals_of_the_chosen_attack_on_test():
-    rng = np.random.default_rng(5)
+def _one_signal(seed: int, resamples: int):
+    """(selection of one global threshold on a signal with membership + noise, its features, labels,
+    membership): 400 records, eval and test the same, with bootstrap intervals."""
+    rng = np.random.default_rng(seed)
     n = 400
     m = _membership(n, rng)
     labels = rng.integers(0, 3, n)
     feats = {"s": m + rng.normal(size=n)}
     sel = selection.select((Candidate("global", "s"),), feats, labels, m, feats, labels, test_membership=m,
-                           bootstrap_resamples=200)
+                           bootstrap_resamples=resamples)
+    return sel, feats, labels, m
+
+
+def test_bootstrap_intervals_of_the_chosen_attack_on_test():
+    sel, feats, labels, m = _one_signal(5, 200)
     iv = sel.test_intervals
     assert iv["resamples"] == 200 and iv["few_negatives"] == ["tpr_at_1pct_fpr", "tpr_at_01pct_fpr"]
     test = sel.chosen_report.test
@@ -140,13 +147,7 @@ def test_evaluate_table_shows_intervals_and_flags_coarse_tpr():
     from mia import report
     from mia.config import TaskConfig
 
-    rng = np.random.default_rng(6)
-    n = 400
-    m = _membership(n, rng)
-    labels = rng.integers(0, 3, n)
-    feats = {"s": m + rng.normal(size=n)}
-    sel = selection.select((Candidate("global", "s"),), feats, labels, m, feats, labels, test_membership=m,
-                           bootstrap_resamples=100)
+    sel, _, _, _ = _one_signal(6, 100)
     outcome = SimpleNamespace(task=TaskConfig(1, "posterior"), victim="v", seed=sel, used=sel)
     table = report.comparison_table(SimpleNamespace(outcomes=[outcome]))
     lo, hi = sel.test_intervals["accuracy"]

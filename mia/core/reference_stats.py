@@ -177,8 +177,8 @@ def fit_gaussians(reference: np.ndarray, in_mask: np.ndarray, *, global_variance
     else:
         raise ValueError("no record is IN for a reference model while another is OUT; train more reference models")
     if use_shared:
-        total = np.where(n_out > 0, n_out * np.nan_to_num(mu_out), 0.0) + np.where(n_in > 0, n_in * (np.nan_to_num(mu_in) - shift), 0.0)
-        mu_out = total / np.maximum(n_in + n_out, 1)
+        # a group without models adds 0: its count is 0 and its NaN mean becomes 0
+        mu_out = (n_out * np.nan_to_num(mu_out) + n_in * (np.nan_to_num(mu_in) - shift)) / np.maximum(n_in + n_out, 1)
         mu_in = mu_out + shift
     else:
         mu_in = np.where(n_in > 0, mu_in, mu_out + shift)

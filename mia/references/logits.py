@@ -86,10 +86,8 @@ def reference_logits(ref_set: ReferenceSet, views: tuple[View, ...] = (IDENTITY,
         path = _logits_cache_path(root, ref_set, j, views, labels_only, device) if root is not None else None
 
         def compute(j: int = j) -> np.ndarray:
-            nonlocal pool
-            if pool is None:
-                pool = ref_set.load_pool(cache_dir=root)
-            return compute_logits(ref_set.load_model(j), pool.images, views, device=device, batch_size=batch_size,
+            images = (pool if pool is not None else ref_set.load_pool(cache_dir=root)).images
+            return compute_logits(ref_set.load_model(j), images, views, device=device, batch_size=batch_size,
                                   labels_only=labels_only)
 
         def valid(a: np.ndarray) -> bool:

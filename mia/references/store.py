@@ -210,6 +210,7 @@ class ReferenceSet:
     trained: tuple[int, ...] = ()  # models trained by the call that returned this set
     models: dict[int, dict] = field(default_factory=dict)  # j -> model_{j}.json of the complete models
     _architecture: Architecture | None = field(default=None, repr=False)  # found by the first load_model
+    _pool: Pool | None = field(default=None, repr=False)  # read by the first load_pool
 
     @property
     def k(self) -> int:
@@ -247,8 +248,11 @@ class ReferenceSet:
         return model_files(self.folder, j)[0]
 
     def load_pool(self, cache_dir: Path | None = None) -> Pool:
-        """The pool images, from the files recorded in the manifest; MIAError when one changed.
-        ``cache_dir``: the cache root the eval and test records are read through (None: no cache)."""
+        """The pool images, from the files recorded in the manifest (read once per set: every model's logits
+        and features come from the same pool); MIAError when one changed. ``cache_dir``: the cache root the
+        eval and test records are read through (None: no cache)."""
+        if self._pool is not None:
+            return self._pool
         parts, sources = [], self.manifest["pool"]["sources"]
         for s in sources:
             path = Path(s["path"])
@@ -265,8 +269,10 @@ class ReferenceSet:
                 recs = load_records(path, with_membership=s["role"] == "eval", num_classes=self.manifest["num_classes"],
                                     cache_dir=cache_dir)
             parts.append(recs)
-        return Pool(images=np.concatenate([r.images for r in parts]), labels=np.concatenate([r.labels for r in parts]),
-                    n_eval=self.n_eval, n_test=self.n_test, sources=sources)
+        self._pool = Pool(images=np.concatenate([r.images for r in parts]),
+                          labels=np.concatenate([r.labels for r in parts]), n_eval=self.n_eval, n_test=self.n_test,
+                          sources=sources)
+        return self._pool
 
     def load_model(self, j: int) -> torch.nn.Module:
         """Reference model j on the CPU, eval mode (its builder is found once, from the first model)."""
