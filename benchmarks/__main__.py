@@ -1,6 +1,7 @@
 """``python -m benchmarks``: run the benchmarks and print Markdown tables (optionally save JSON).
 
     python -m benchmarks [--only scoring,sweep,e2e,precision,training,attacks] [--tiny] [--device auto] [--repeat N] [--json OUT]
+    python -m benchmarks --only attacks --bundle demo --label-noise 0.1,0.15 --budgets 1,2,all
 
 ``--tiny`` shrinks every benchmark to a smoke-test size (seconds to a minute); the numbers are then
 only good for checking that everything runs.
@@ -44,9 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="scoring: also time the project path through torch.compile")
     p.add_argument("--label-noise", default="none", metavar="S1,S2,...",
                    help="attacks: the label-only noisy queries' levels (default none; the run's default is 0.1,0.15)")
+    p.add_argument("--budgets", default="1,all", metavar="K1,K2,...",
+                   help="attacks: reference models used per victim after K = 0, 'all' = every complete one "
+                        "(default 1,all)")
     p.add_argument("--no-subprocess", action="store_true",
                    help="e2e: skip the `python -m mia run` child processes (wall time with imports, peak memory)")
     return p
+
+
+def parse_budgets(text: str) -> tuple[int | None, ...]:
+    """``"1,2,all"`` -> (1, 2, None): positive model counts, 'all' for every complete model."""
+    budgets = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part == "all":
+            budgets.append(None)
+        elif part.isdigit() and int(part) > 0:
+            budgets.append(int(part))
+        else:
+            raise SystemExit(f"--budgets: expected positive integers or 'all', got {part!r}")
+    if not budgets:
+        raise SystemExit("--budgets: give at least one budget, e.g. 1,all")
+    return tuple(budgets)
 
 
 def _selected(only: str) -> list[str]:
@@ -88,7 +107,8 @@ def run_benchmarks(args: argparse.Namespace, log=print) -> dict[str, BenchResult
             bundle, _ = resolve_bundle(EndToEndConfig(bundle=args.bundle, tiny=args.tiny),
                                        Path(tempfile.mkdtemp(prefix="mia-attacks-")), log=log)
             noise = () if args.label_noise == "none" else tuple(float(x) for x in args.label_noise.split(","))
-            results[name] = run(AttacksConfig(bundle=bundle, device=args.device, label_noise=noise), log=log)
+            results[name] = run(AttacksConfig(bundle=bundle, device=args.device, label_noise=noise,
+                                              budgets=parse_budgets(args.budgets)), log=log)
         elif name == "training":
             from benchmarks.bench_training import TrainingConfig, run
 

@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import BenchResult, Check, best_ratio, calls_per_sample, fmt, interleaved, markdown_table, pair_ratio
 from benchmarks.__main__ import main as bench_main
+from benchmarks.__main__ import parse_budgets
 from benchmarks.bench_scoring import ScoringConfig, naive_signals
 from benchmarks.bench_scoring import run as run_scoring
 from benchmarks.bench_sweep import SweepConfig, tied_scores
@@ -207,6 +208,14 @@ def test_cli_sweep_json(tmp_path, capsys):
 def test_cli_rejects_unknown_benchmark():
     with pytest.raises(SystemExit):
         bench_main(["--only", "sweeps"])
+
+
+def test_budgets_parse_counts_and_all():
+    assert parse_budgets("1,2,all") == (1, 2, None)
+    assert parse_budgets(" 8 ") == (8,)
+    for bad in ("0", "two", "", "1,-2"):
+        with pytest.raises(SystemExit):
+            parse_budgets(bad)
 
 
 def test_training_benchmark_toy():
