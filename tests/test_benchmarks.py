@@ -8,7 +8,16 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import BenchResult, Check, best_ratio, calls_per_sample, fmt, interleaved, markdown_table, pair_ratio
+from benchmarks import (
+    BenchResult,
+    Check,
+    best_ratio,
+    calls_per_sample,
+    fmt,
+    interleaved,
+    markdown_table,
+    pair_ratio,
+)
 from benchmarks.__main__ import main as bench_main
 from benchmarks.__main__ import parse_budgets
 from benchmarks.bench_scoring import ScoringConfig, naive_signals
