@@ -45,7 +45,7 @@ class VictimData:
     reference: dict[str, dict[str, np.ndarray]] | None = None  # LiRA/RMIA features per split, if any
     reference_label: dict[str, dict[str, np.ndarray]] | None = None  # label-only reference features per split
     n_reference_models: int = 0
-    rmia_a: float | None = None  # RMIA's offline a as used (tuned on eval)
+    rmia_a: float | None = None  # RMIA's offline a as used (tuned on eval); None when unused or no references
     laplace_prior: float | None = None  # the last-layer Laplace attack's prior scale as used (tuned on eval)
     reference_sanity: list[dict] = field(default_factory=list)  # per reference: its held-out accuracy and the
     #   victim's on the same records (mia.references.attacks.reference_sanity)

@@ -144,14 +144,29 @@ def test_rmia_ratio_by_hand():
     target = np.log([[0.9]])
     ref = np.log(np.array([0.4, 0.99, 0.6]))[:, None, None]
     mask = np.array([[False], [True], [False]])
-    # p(x) = (1 + 0.3) / 2 * 0.5 + (1 - 0.3) / 2 = 0.675;  r = 0.9 / 0.675 = 4/3
-    np.testing.assert_allclose(np.exp(rmia_log_ratios(target, ref, mask, a=0.3)), [0.9 / 0.675])
+    # offline: p(x) = (1 + 0.3) / 2 * 0.5 + (1 - 0.3) / 2 = 0.675;  r = 0.9 / 0.675 = 4/3
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target, ref, mask, a=0.3, online=False)), [0.9 / 0.675])
     # a = 1: p(x) = mean OUT = 0.5
-    np.testing.assert_allclose(np.exp(rmia_log_ratios(target, ref, mask, a=1.0)), [1.8])
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target, ref, mask, a=1.0, online=False)), [1.8])
+    # online (the default), the record has IN and OUT models: p(x) = (0.99 + 0.5) / 2 = 0.745, whatever a
+    for a in (0.0, 0.3, 1.0):
+        np.testing.assert_allclose(np.exp(rmia_log_ratios(target, ref, mask, a=a)), [0.9 / 0.745])
     # two views: probabilities averaged over views first: victim (0.8 + 0.6) / 2 = 0.7
     target2 = np.log([[0.8], [0.6]])
     ref2 = np.log(np.array([[0.3, 0.5], [0.99, 0.99], [0.7, 0.5]]))[:, :, None]  # per-model view means 0.4, 0.6
-    np.testing.assert_allclose(np.exp(rmia_log_ratios(target2, ref2, mask, a=0.3)), [0.7 / 0.675])
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target2, ref2, mask, a=0.3, online=False)), [0.7 / 0.675])
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target2, ref2, mask)), [0.7 / 0.745])
+
+
+def test_rmia_online_and_offline_records_side_by_side():
+    # record 0: IN and OUT models (online); record 1: OUT only (offline); record 2: IN only (inverted)
+    target = np.log([[0.8, 0.6, 0.9]])
+    ref = np.log(np.array([[0.9, 0.4, 0.93], [0.5, 0.6, 0.93]]))[:, None, :]
+    mask = np.array([[True, False, True], [False, False, True]])
+    p_ref = [(0.9 + 0.5) / 2, 0.65 * 0.5 + 0.35, (0.93 + (0.93 - 0.7) / 0.3) / 2]
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target, ref, mask, a=0.3)), np.array([0.8, 0.6, 0.9]) / p_ref)
+    # offline: record 0 uses its one OUT model (0.5) through a
+    np.testing.assert_allclose(np.exp(rmia_log_ratios(target, ref, mask, a=0.3, online=False))[0], 0.8 / 0.675)
 
 
 def test_rmia_record_without_out_model_inverts_the_offline_model():
@@ -181,8 +196,9 @@ def test_rmia_scores_use_the_other_records_as_population():
     target = np.log([[0.9, 0.5, 0.2]])
     ref = np.log(np.full((2, 1, 3), 0.5))
     mask = np.array([[True, False, True], [False, True, False]])
-    # every p(x) = 0.65 * 0.5 + 0.35 = 0.675, so the order of r is the order of the victim's p
+    # every p(x) = (0.5 + 0.5) / 2 (online; offline 0.65 * 0.5 + 0.35): the order of r is the victim's p's
     np.testing.assert_allclose(rmia_scores(target, ref, mask), [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(rmia_scores(target, ref, mask, online=False), [1.0, 0.5, 0.0])
 
 
 def test_rmia_memory_is_linear():
@@ -271,15 +287,21 @@ def test_reference_features_end_to_end(bundle, tmp_path):
             assert values.shape == (n,) and values.dtype == np.float64 and np.isfinite(values).all()
         assert (0 <= feats[split]["rmia"]).all() and (feats[split]["rmia"] <= 1).all()
     assert set(label_only["eval"]) == {"calibrated_aug_count", "label_lira"}
-    assert both.rmia_a == 0.3 and both.sanity == []  # without the eval membership: the paper's a, no check
+    # four balanced models: every record has IN and OUT models, RMIA is online and a plays no part; no check
+    # of the references without the eval membership
+    assert both.rmia_a is None and both.sanity == []
     assert both.laplace_prior == PRIOR_SCALES[0]  # ... and the first prior scale
     membership = load_records(victim.eval_path, with_membership=True).membership
     tuned = victim_reference_features(bundle.root, victim, dataclasses.replace(answers, eval_membership=membership),
                                       options)
-    assert 0.0 <= tuned.rmia_a <= 1.0 and [r["model"] for r in tuned.sanity] == [0, 1, 2, 3]
+    assert tuned.rmia_a is None and [r["model"] for r in tuned.sanity] == [0, 1, 2, 3]
     assert tuned.laplace_prior in PRIOR_SCALES
     one = victim_reference_features(bundle.root, victim, answers, dataclasses.replace(options, max_models=1))
     assert one.k == 1 and all(np.isfinite(v).all() for v in one.posterior["test"].values())
+    assert one.rmia_a == 0.3  # one model, no eval membership: the paper's a for the offline records
+    one_tuned = victim_reference_features(bundle.root, victim, dataclasses.replace(answers, eval_membership=membership),
+                                          dataclasses.replace(options, max_models=1))
+    assert 0.0 <= one_tuned.rmia_a <= 1.0
     without = victim_reference_features(bundle.root, victim, answers, dataclasses.replace(options, laplace=False))
     assert set(without.posterior["eval"]) == {"lira_online", "lira_offline", "rmia", "ref_out_lsc"} and without.laplace_prior is None
     assert all(0 <= r["reference_accuracy"] <= 1 and r["records"] > 0 for r in tuned.sanity)
@@ -383,8 +405,8 @@ def test_rmia_a_is_tuned_on_eval_auc():
     from mia.references.attacks import RMIA_A_GRID, tune_rmia_a
 
     rng = np.random.default_rng(3)
-    k, v, n, n_eval = 4, 2, 120, 80
-    masks = make_masks(k, n, 0)
+    k, v, n, n_eval = 1, 2, 120, 80
+    masks = make_masks(k, n, 0)  # one model: every record lacks IN or OUT models, so a matters
     ref = np.log(rng.uniform(0.05, 1.0, size=(k, v, n)))
     member = rng.integers(0, 2, n)
     target = np.log(np.clip(np.exp(ref.mean(axis=0)) + 0.3 * member[None] * rng.uniform(size=(v, n)), 1e-6, 1.0))
@@ -393,6 +415,12 @@ def test_rmia_a_is_tuned_on_eval_auc():
     np.testing.assert_array_equal(scores, rmia_scores(target, ref, masks, a=a))
     best = max(auc(rmia_scores(target, ref, masks, a=x)[:n_eval], member[:n_eval]) for x in RMIA_A_GRID)
     assert auc(scores[:n_eval], member[:n_eval]) == best
+    # every record with IN and OUT models (a balanced set): RMIA is online for all, a plays no part
+    balanced = make_masks(2, n, 0)
+    ref2 = np.concatenate([ref, ref + 0.01])
+    a2, scores2 = tune_rmia_a(target, ref2, balanced, member[:n_eval])
+    assert a2 is None
+    np.testing.assert_array_equal(scores2, rmia_scores(target, ref2, balanced, a=0.0))
 
 
 def test_reference_sanity_compares_on_the_same_held_out_records():

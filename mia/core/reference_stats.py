@@ -21,12 +21,16 @@ lira_online   LiRA (Carlini et al. 2022, "Membership inference attacks from firs
 lira_offline  LiRA's offline variant: only the OUT Gaussian, one-sided (a member's phi is
               larger): -sum_v log Pr[Z_v > phi_v], Z_v ~ N(mu_out, s_out^2) (``-norm.logsf``, which
               keeps its resolution far in the tail where ``Pr[Z < phi]`` rounds to 1).
-rmia          RMIA (Zarifzadeh et al. 2024, "Low-cost high-power membership inference attacks"),
-              offline. p(x|theta) = p_y averaged over views. Ratio r(x) = p(x|victim) / p(x) with
-              p(x) = (1 + a)/2 * mean_OUT p(x|theta_k) + (1 - a)/2 (the paper's offline estimate
-              of the mean over IN and OUT models). Score = fraction of population records z with
-              r(x) / r(z) > gamma; the population is the other eval and test records (the record
-              itself excluded). Computed by sorting the population ratios once and binary search:
+rmia          RMIA (Zarifzadeh et al. 2024, "Low-cost high-power membership inference attacks").
+              p(x|theta) = p_y averaged over views. Ratio r(x) = p(x|victim) / p(x) with
+              p(x) = (mean_IN + mean_OUT) / 2 of p(x|theta_k) over the record's IN and OUT models
+              (online), or (1 + a)/2 * mean_OUT + (1 - a)/2 (the paper's offline estimate of that
+              average) for a record without IN models (inverted for one without OUT models).
+              On the demo's resnet34 / vgg16 (K = 8) and a foreign WideResNet (K = 2) online
+              raised test AUC by 1.5 / 0.6 / 2.0 points over offline. Score = fraction of
+              population records z with r(x) / r(z) > gamma; the population is the other eval
+              and test records (the record itself excluded). Computed by sorting the population
+              ratios once and binary search:
               O((n + m) log m) time, O(n + m) memory, never an n x m array.
 ============  ===================================================================================
 
@@ -86,7 +90,7 @@ MIN_VARIANCE = 1e-6  # floor of every fitted variance (phi units squared)
 FEATURES = {
     "lira_online": "LiRA online: log-likelihood ratio of IN vs OUT Gaussians of logit-scaled confidence, summed over views",
     "lira_offline": "LiRA offline: -log Pr[OUT Gaussian > victim's logit-scaled confidence], summed over views",
-    "rmia": "RMIA offline: fraction of other eval/test records z with r(x)/r(z) > 1, r = victim p_y / reference p_y",
+    "rmia": "RMIA: fraction of other eval/test records z with r(x)/r(z) > 1, r = victim p_y / reference p_y",
     "bmia": "LiRA offline with each reference's last-layer Laplace mean and per-record variance (mia.core.laplace)",
     "bmia_online": "LiRA online with each reference's last-layer Laplace means and per-record variances",
 }
@@ -231,15 +235,20 @@ def lira_offline(target: np.ndarray, fit: GaussianFit) -> np.ndarray:
 
 
 def rmia_log_ratios(target_log_p: np.ndarray, reference_log_p: np.ndarray, in_mask: np.ndarray, *,
-                    a: float = 0.3) -> np.ndarray:
-    """log r(x) = log p(x|victim) - log p(x), offline RMIA. -> (n,) float64.
+                    a: float = 0.3, online: bool = True) -> np.ndarray:
+    """log r(x) = log p(x|victim) - log p(x), RMIA's likelihood ratio. -> (n,) float64.
 
     target_log_p: (V, n) log p_y of the victim per view; reference_log_p: (K, V, n); in_mask (K, n).
-    p(x|theta) is p_y averaged over the views (in probability space). p(x) = (1+a)/2 * m + (1-a)/2
-    with m the mean of p(x|theta_k) over the record's OUT models. That is (p_OUT + p_IN) / 2 under
-    RMIA's offline model p_IN = a p_OUT + (1 - a); a record with no OUT model (K = 1, or an incomplete
-    set) inverts the same model: p_OUT = (p_IN - (1 - a)) / a clipped to [0, p_IN] (0 when a = 0),
-    p(x) = (p_IN + p_OUT) / 2, p_IN the mean over its IN models. 0 <= a <= 1.
+    p(x|theta) is p_y averaged over the views (in probability space); m_IN and m_OUT are its means over the
+    record's IN and OUT models. p(x) is the probability of x under a model that trained on x with
+    probability 1/2:
+    * ``online`` and the record has both IN and OUT models: p(x) = (m_IN + m_OUT) / 2 (RMIA online: the
+      reference models' average, half of them trained on x);
+    * OUT models only (or not ``online``): RMIA's offline model p_IN = a p_OUT + (1 - a) gives
+      p(x) = (1+a)/2 * m_OUT + (1-a)/2;
+    * IN models only (K = 1, or an incomplete set): the same model inverted, p_OUT = (m_IN - (1 - a)) / a
+      clipped to [0, m_IN] (0 when a = 0), p(x) = (m_IN + p_OUT) / 2.
+    0 <= a <= 1. a matters only for records in the last two cases.
     """
     from scipy.special import logsumexp  # here: scipy costs 0.4 s to import
     if not 0.0 <= a <= 1.0:
@@ -252,16 +261,23 @@ def rmia_log_ratios(target_log_p: np.ndarray, reference_log_p: np.ndarray, in_ma
     n_views = target_log_p.shape[0]
     log_px = logsumexp(target_log_p, axis=0) - np.log(n_views)  # (n,)
     per_model = logsumexp(reference_log_p, axis=1) - np.log(n_views)  # (K, n)
+
+    def log_group_mean(mask: np.ndarray) -> np.ndarray:  # log of the mean p over the masked models (-inf: none)
+        count = mask.sum(axis=0)
+        with np.errstate(divide="ignore"):
+            return logsumexp(np.where(mask, per_model, -np.inf), axis=0) - np.log(np.maximum(count, 1))
+
     out = ~in_mask
-    n_out = out.sum(axis=0)
-    group = np.where(n_out > 0, out, in_mask)  # records without an OUT model: their IN models, inverted below
-    count = group.sum(axis=0)
-    log_mean = logsumexp(np.where(group, per_model, -np.inf), axis=0) - np.log(count)
+    has_in, has_out = in_mask.any(axis=0), out.any(axis=0)
+    log_in, log_out = log_group_mean(in_mask), log_group_mean(out)
     with np.errstate(divide="ignore"):  # a = 1: the constant term is log 0 = -inf, which logaddexp absorbs
-        log_p_ref = np.logaddexp(np.log((1 + a) / 2) + log_mean, np.log((1 - a) / 2))
-    only_in = n_out == 0
+        log_p_ref = np.logaddexp(np.log((1 + a) / 2) + log_out, np.log((1 - a) / 2))
+    if online:
+        both = has_in & has_out
+        log_p_ref[both] = np.logaddexp(log_in[both], log_out[both]) - np.log(2)
+    only_in = has_in & ~has_out
     if only_in.any():
-        p_in = np.exp(log_mean[only_in])
+        p_in = np.exp(log_in[only_in])
         p_out = np.clip((p_in - (1 - a)) / a, 0.0, p_in) if a > 0 else np.zeros_like(p_in)
         log_p_ref[only_in] = np.log((p_in + p_out) / 2)
     return log_px - log_p_ref
@@ -293,9 +309,9 @@ def rmia_dominance(log_ratio_x: np.ndarray, log_ratio_z: np.ndarray, *, gamma: f
 
 
 def rmia_scores(target_log_p: np.ndarray, reference_log_p: np.ndarray, in_mask: np.ndarray, *, a: float = 0.3,
-                gamma: float = 1.0) -> np.ndarray:
-    """Offline RMIA with the records themselves as the population (each compared with the others). -> (n,)."""
-    ratios = rmia_log_ratios(target_log_p, reference_log_p, in_mask, a=a)
+                gamma: float = 1.0, online: bool = True) -> np.ndarray:
+    """RMIA with the records themselves as the population (each compared with the others). -> (n,)."""
+    ratios = rmia_log_ratios(target_log_p, reference_log_p, in_mask, a=a, online=online)
     return rmia_dominance(ratios, ratios, gamma=gamma, x_in_z=True)
 
 

@@ -75,12 +75,21 @@ def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view
 RMIA_A_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
+def rmia_needs_a(masks: np.ndarray) -> bool:
+    """Whether RMIA's offline a matters: some record lacks IN or OUT models (K = 1, an incomplete set)."""
+    masks = np.asarray(masks, dtype=bool)
+    return not (masks.any(axis=0) & (~masks).any(axis=0)).all()
+
+
 def tune_rmia_a(target_log_p: np.ndarray, reference_log_p: np.ndarray, masks: np.ndarray,
-                eval_membership: np.ndarray, grid: tuple[float, ...] = RMIA_A_GRID) -> tuple[float, np.ndarray]:
+                eval_membership: np.ndarray, grid: tuple[float, ...] = RMIA_A_GRID) -> tuple[float | None, np.ndarray]:
     """(a, RMIA scores (n,) at that a): the a of ``grid`` whose scores rank the eval records (the first
     ``len(eval_membership)``) best by AUC; ties go to the a nearest the paper's 0.3. One parameter fitted
     on about a thousand labelled records: the cross-validated choice among candidates that follows sees
-    these scores like any other feature."""
+    these scores like any other feature. a is None when every record has IN and OUT models (RMIA online
+    for all of them: a plays no part)."""
+    if not rmia_needs_a(masks):
+        return None, rmia_scores(target_log_p, reference_log_p, masks)
     n_eval = len(eval_membership)
     best = None
     for a in sorted(grid, key=lambda v: abs(v - 0.3)):
@@ -94,12 +103,13 @@ def tune_rmia_a(target_log_p: np.ndarray, reference_log_p: np.ndarray, masks: np
 
 def _posterior_values(target: np.ndarray, ref_logits: np.ndarray, masks: np.ndarray, labels: np.ndarray, *,
                       rmia_a: float | str, global_variance: bool | None,
-                      eval_membership: np.ndarray | None) -> tuple[dict[str, np.ndarray], float]:
+                      eval_membership: np.ndarray | None) -> tuple[dict[str, np.ndarray], float | None]:
     """(LiRA online / offline, RMIA and 'ref_out_lsc', RMIA's a) from victim logits (V, n, C) and reference
     logits (K, V, n, C). 'ref_out_lsc' is the record's expected logit-scaled confidence when OUT (LiRA's
     OUT mean, averaged over the views): an input of the learned attacks, which weigh it against the
     victim's own (difficulty calibration with a fitted weight; Watson et al. 2022), never thresholded alone.
-    ``rmia_a="auto"`` tunes a on the eval records (``eval_membership``, the first records)."""
+    ``rmia_a="auto"`` tunes a on the eval records (``eval_membership``, the first records); a is None
+    where it plays no part (every record has IN and OUT models)."""
     def per_view(fn, logits):  # (..., V, n, C) -> (..., V, n)
         flat = logits.reshape(-1, *logits.shape[-2:])
         return np.stack([fn(z, labels) for z in flat]).reshape(logits.shape[:-1])
@@ -113,6 +123,7 @@ def _posterior_values(target: np.ndarray, ref_logits: np.ndarray, masks: np.ndar
         a, rmia = tune_rmia_a(target_log_p, ref_log_p, masks, eval_membership)
     else:
         a, rmia = float(rmia_a), rmia_scores(target_log_p, ref_log_p, masks, a=float(rmia_a))
+        a = a if rmia_needs_a(masks) else None
     return {"lira_online": lira_online(target_phi, fit), "lira_offline": lira_offline(target_phi, fit),
             "rmia": rmia, "ref_out_lsc": fit.mu_out.mean(axis=0)}, a
 
@@ -197,7 +208,8 @@ class ReferenceFeatures:
     #   bmia_online with ReferenceOptions.laplace)
     label_only: dict[str, dict[str, np.ndarray]]  # split -> calibrated_aug_count, label_lira (+ noise_lira,
     #   noise_rate_lr, calibrated_noise_correct with noisy queries)
-    rmia_a: float = 0.3  # RMIA's offline parameter as used (tuned on eval with rmia_a="auto")
+    rmia_a: float | None = 0.3  # RMIA's offline parameter as used (tuned on eval with rmia_a="auto"); None
+    #                             where it plays no part (every record has IN and OUT models: RMIA online)
     sanity: list[dict] = field(default_factory=list)  # reference_sanity: each model's accuracy next to the
     #   victim's on the same held-out eval records (needs the eval membership)
     laplace_prior: float | None = None  # the last-layer Laplace prior scale as used (tuned on eval; None: off)
