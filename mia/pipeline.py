@@ -46,6 +46,8 @@ class VictimData:
     reference_label: dict[str, dict[str, np.ndarray]] | None = None  # label-only reference features per split
     n_reference_models: int = 0
     rmia_a: float | None = None  # RMIA's offline a as used (tuned on eval); None when unused or no references
+    rmia_online: bool | None = None  # RMIA's p(x) from the IN and OUT models' average (tuned on eval); None: no
+    #                                  record has both, or no references
     laplace_prior: float | None = None  # the last-layer Laplace attack's prior scale as used (tuned on eval)
     reference_sanity: list[dict] = field(default_factory=list)  # per reference: its held-out accuracy and the
     #   victim's on the same records (mia.references.attacks.reference_sanity)
@@ -192,7 +194,8 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
             ref = victim_reference_features(bundle.root, victim, answers, options)
         if ref is not None:  # the label-only features come from the victim's predicted labels only
             data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k
-            data.rmia_a, data.reference_sanity, data.laplace_prior = ref.rmia_a, ref.sanity, ref.laplace_prior
+            data.rmia_a, data.rmia_online = ref.rmia.a, ref.rmia.online
+            data.reference_sanity, data.laplace_prior = ref.sanity, ref.laplace_prior
             for row in ref.sanity:
                 if row["mismatched"] and log is not None:
                     log(f"warning: {victim.name}: reference model {row['model']} reaches "

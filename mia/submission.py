@@ -93,6 +93,7 @@ def build_result_json(result) -> dict:
             "label_noise_queries": len(data.noise_levels),  # noisy queries per record for the label-only task
             "reference_models": data.n_reference_models,
             "rmia_a": data.rmia_a,  # RMIA's offline a, tuned on eval (null without references or when unused)
+            "rmia_online": data.rmia_online,  # RMIA's p(x) from IN and OUT models (null: no record has both)
             "laplace_prior": data.laplace_prior,  # the Laplace attack's prior scale, tuned on eval (null: none)
             "reference_sanity": data.reference_sanity,  # each reference's held-out accuracy next to the victim's
         }

@@ -289,19 +289,19 @@ def test_reference_features_end_to_end(bundle, tmp_path):
     assert set(label_only["eval"]) == {"calibrated_aug_count", "label_lira"}
     # four balanced models: every record has IN and OUT models, RMIA is online and a plays no part; no check
     # of the references without the eval membership
-    assert both.rmia_a is None and both.sanity == []
+    assert both.rmia.online and both.rmia.a is None and both.sanity == []
     assert both.laplace_prior == PRIOR_SCALES[0]  # ... and the first prior scale
     membership = load_records(victim.eval_path, with_membership=True).membership
     tuned = victim_reference_features(bundle.root, victim, dataclasses.replace(answers, eval_membership=membership),
                                       options)
-    assert tuned.rmia_a is None and [r["model"] for r in tuned.sanity] == [0, 1, 2, 3]
+    assert tuned.rmia.online is not None and [r["model"] for r in tuned.sanity] == [0, 1, 2, 3]
     assert tuned.laplace_prior in PRIOR_SCALES
     one = victim_reference_features(bundle.root, victim, answers, dataclasses.replace(options, max_models=1))
     assert one.k == 1 and all(np.isfinite(v).all() for v in one.posterior["test"].values())
-    assert one.rmia_a == 0.3  # one model, no eval membership: the paper's a for the offline records
+    assert one.rmia.a == 0.3 and one.rmia.online is None  # one model, no eval membership: the paper's a
     one_tuned = victim_reference_features(bundle.root, victim, dataclasses.replace(answers, eval_membership=membership),
                                           dataclasses.replace(options, max_models=1))
-    assert 0.0 <= one_tuned.rmia_a <= 1.0
+    assert 0.0 <= one_tuned.rmia.a <= 1.0
     without = victim_reference_features(bundle.root, victim, answers, dataclasses.replace(options, laplace=False))
     assert set(without.posterior["eval"]) == {"lira_online", "lira_offline", "rmia", "ref_out_lsc"} and without.laplace_prior is None
     assert all(0 <= r["reference_accuracy"] <= 1 and r["records"] > 0 for r in tuned.sanity)
@@ -400,9 +400,21 @@ def test_label_lira_by_hand():
         label_lira(victim.astype(float), refs, labels, mask)
 
 
-def test_rmia_a_is_tuned_on_eval_auc():
+def test_rmia_setting_keeps_only_what_acts_on_the_masks():
+    from mia.references.attacks import RmiaSetting, rmia_setting
+
+    balanced = make_masks(2, 10, 0)  # every record IN for one model, OUT for the other
+    assert rmia_setting(balanced, True, 0.3) == RmiaSetting(online=True, a=None)
+    assert rmia_setting(balanced, False, 0.4) == RmiaSetting(online=False, a=0.4)
+    one = make_masks(1, 10, 0)  # no record has both groups: online or not is the same
+    assert rmia_setting(one, True, 0.2) == RmiaSetting(online=None, a=0.2)
+    partial = np.array([[True, False, True], [False, True, True]])  # record 2 is IN for both models
+    assert rmia_setting(partial, True, 0.3) == RmiaSetting(online=True, a=0.3)
+
+
+def test_rmia_is_tuned_on_eval_auc():
     from mia.core.metrics import auc
-    from mia.references.attacks import RMIA_A_GRID, tune_rmia_a
+    from mia.references.attacks import RMIA_A_GRID, tune_rmia
 
     rng = np.random.default_rng(3)
     k, v, n, n_eval = 1, 2, 120, 80
@@ -410,17 +422,23 @@ def test_rmia_a_is_tuned_on_eval_auc():
     ref = np.log(rng.uniform(0.05, 1.0, size=(k, v, n)))
     member = rng.integers(0, 2, n)
     target = np.log(np.clip(np.exp(ref.mean(axis=0)) + 0.3 * member[None] * rng.uniform(size=(v, n)), 1e-6, 1.0))
-    a, scores = tune_rmia_a(target, ref, masks, member[:n_eval])
-    assert a in RMIA_A_GRID
-    np.testing.assert_array_equal(scores, rmia_scores(target, ref, masks, a=a))
+    setting, scores = tune_rmia(target, ref, masks, member[:n_eval])
+    assert setting.online is None and setting.a in RMIA_A_GRID
+    np.testing.assert_array_equal(scores, rmia_scores(target, ref, masks, a=setting.a))
     best = max(auc(rmia_scores(target, ref, masks, a=x)[:n_eval], member[:n_eval]) for x in RMIA_A_GRID)
     assert auc(scores[:n_eval], member[:n_eval]) == best
-    # every record with IN and OUT models (a balanced set): RMIA is online for all, a plays no part
+    # every record with IN and OUT models: online (a plays no part) against offline with each a
     balanced = make_masks(2, n, 0)
-    ref2 = np.concatenate([ref, ref + 0.01])
-    a2, scores2 = tune_rmia_a(target, ref2, balanced, member[:n_eval])
-    assert a2 is None
-    np.testing.assert_array_equal(scores2, rmia_scores(target, ref2, balanced, a=0.0))
+    ref2 = np.log(np.clip(np.exp(np.concatenate([ref, ref])) + 0.4 * balanced[:, None, :], 1e-6, 1.0))
+    setting2, scores2 = tune_rmia(target, ref2, balanced, member[:n_eval])
+    every = [auc(rmia_scores(target, ref2, balanced)[:n_eval], member[:n_eval])]
+    every += [auc(rmia_scores(target, ref2, balanced, a=x, online=False)[:n_eval], member[:n_eval]) for x in RMIA_A_GRID]
+    assert auc(scores2[:n_eval], member[:n_eval]) == max(every)
+    if setting2.online:
+        assert setting2.a is None
+        np.testing.assert_array_equal(scores2, rmia_scores(target, ref2, balanced))
+    else:
+        np.testing.assert_array_equal(scores2, rmia_scores(target, ref2, balanced, a=setting2.a, online=False))
 
 
 def test_reference_sanity_compares_on_the_same_held_out_records():

@@ -75,41 +75,63 @@ def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view
 RMIA_A_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def rmia_needs_a(masks: np.ndarray) -> bool:
-    """Whether RMIA's offline a matters: some record lacks IN or OUT models (K = 1, an incomplete set)."""
+@dataclass(frozen=True)
+class RmiaSetting:
+    """How RMIA estimated p(x): ``online`` (records with IN and OUT models use their average; None: no
+    record has both) and the offline a (None where no record needs it: every one has IN and OUT models
+    and ``online``)."""
+
+    online: bool | None
+    a: float | None
+
+
+def _groups(masks: np.ndarray) -> tuple[bool, bool]:
+    """(some record has IN and OUT models, some record lacks one of the groups)."""
     masks = np.asarray(masks, dtype=bool)
-    return not (masks.any(axis=0) & (~masks).any(axis=0)).all()
+    both = masks.any(axis=0) & (~masks).any(axis=0)
+    return bool(both.any()), bool(not both.all())
 
 
-def tune_rmia_a(target_log_p: np.ndarray, reference_log_p: np.ndarray, masks: np.ndarray,
-                eval_membership: np.ndarray, grid: tuple[float, ...] = RMIA_A_GRID) -> tuple[float | None, np.ndarray]:
-    """(a, RMIA scores (n,) at that a): the a of ``grid`` whose scores rank the eval records (the first
-    ``len(eval_membership)``) best by AUC; ties go to the a nearest the paper's 0.3. One parameter fitted
-    on about a thousand labelled records: the cross-validated choice among candidates that follows sees
-    these scores like any other feature. a is None when every record has IN and OUT models (RMIA online
-    for all of them: a plays no part)."""
-    if not rmia_needs_a(masks):
-        return None, rmia_scores(target_log_p, reference_log_p, masks)
+def rmia_setting(masks: np.ndarray, online: bool, a: float) -> RmiaSetting:
+    """The setting as it acts on these masks: the parts that play no part are None."""
+    has_both, lacks_one = _groups(masks)
+    return RmiaSetting(online=online if has_both else None,
+                       a=a if lacks_one or not (online and has_both) else None)
+
+
+def tune_rmia(target_log_p: np.ndarray, reference_log_p: np.ndarray, masks: np.ndarray,
+              eval_membership: np.ndarray, grid: tuple[float, ...] = RMIA_A_GRID) -> tuple[RmiaSetting, np.ndarray]:
+    """(setting, RMIA scores (n,)): online or offline p(x) for the records with IN and OUT models, and the
+    offline a of ``grid``, whichever ranks the eval records (the first ``len(eval_membership)``) best by AUC;
+    ties go to online, then to the a nearest the paper's 0.3. Online wins when the references match the
+    victim's training; references that fit their IN records far better than the victim fits its members
+    make the IN average too large, and the offline estimate with a fitted a is then the better one
+    (measured in docs/results.md). A couple of parameters fitted on about a thousand labelled records: the
+    cross-validated choice among candidates that follows sees these scores like any other feature."""
+    has_both, lacks_one = _groups(masks)
+    by_distance = sorted(grid, key=lambda v: abs(v - 0.3))
+    tried = [(True, a) for a in (by_distance if lacks_one else (0.3,))] if has_both else []
+    tried += [(False, a) for a in by_distance]
     n_eval = len(eval_membership)
     best = None
-    for a in sorted(grid, key=lambda v: abs(v - 0.3)):
-        scores = rmia_scores(target_log_p, reference_log_p, masks, a=a)
+    for online, a in tried:
+        scores = rmia_scores(target_log_p, reference_log_p, masks, a=a, online=online)
         value = auc(scores[:n_eval], eval_membership)
         if best is None or value > best[0] + 1e-12:
-            best = (value, a, scores)
+            best = (value, rmia_setting(masks, online, a), scores)
     assert best is not None
     return best[1], best[2]
 
 
 def _posterior_values(target: np.ndarray, ref_logits: np.ndarray, masks: np.ndarray, labels: np.ndarray, *,
                       rmia_a: float | str, global_variance: bool | None,
-                      eval_membership: np.ndarray | None) -> tuple[dict[str, np.ndarray], float | None]:
+                      eval_membership: np.ndarray | None) -> tuple[dict[str, np.ndarray], RmiaSetting]:
     """(LiRA online / offline, RMIA and 'ref_out_lsc', RMIA's a) from victim logits (V, n, C) and reference
     logits (K, V, n, C). 'ref_out_lsc' is the record's expected logit-scaled confidence when OUT (LiRA's
     OUT mean, averaged over the views): an input of the learned attacks, which weigh it against the
     victim's own (difficulty calibration with a fitted weight; Watson et al. 2022), never thresholded alone.
-    ``rmia_a="auto"`` tunes a on the eval records (``eval_membership``, the first records); a is None
-    where it plays no part (every record has IN and OUT models)."""
+    ``rmia_a="auto"`` tunes RMIA's setting on the eval records (``eval_membership``, the first records);
+    a fixed a is used online."""
     def per_view(fn, logits):  # (..., V, n, C) -> (..., V, n)
         flat = logits.reshape(-1, *logits.shape[-2:])
         return np.stack([fn(z, labels) for z in flat]).reshape(logits.shape[:-1])
@@ -120,12 +142,12 @@ def _posterior_values(target: np.ndarray, ref_logits: np.ndarray, masks: np.ndar
     if rmia_a == "auto":
         if eval_membership is None:
             raise ValueError('rmia_a="auto" needs the eval membership')
-        a, rmia = tune_rmia_a(target_log_p, ref_log_p, masks, eval_membership)
+        setting, rmia = tune_rmia(target_log_p, ref_log_p, masks, eval_membership)
     else:
-        a, rmia = float(rmia_a), rmia_scores(target_log_p, ref_log_p, masks, a=float(rmia_a))
-        a = a if rmia_needs_a(masks) else None
+        setting = rmia_setting(masks, True, float(rmia_a))
+        rmia = rmia_scores(target_log_p, ref_log_p, masks, a=float(rmia_a))
     return {"lira_online": lira_online(target_phi, fit), "lira_offline": lira_offline(target_phi, fit),
-            "rmia": rmia, "ref_out_lsc": fit.mu_out.mean(axis=0)}, a
+            "rmia": rmia, "ref_out_lsc": fit.mu_out.mean(axis=0)}, setting
 
 
 def _laplace_values(ref_set: ReferenceSet, views: tuple, target: np.ndarray, labels: np.ndarray, masks: np.ndarray,
@@ -208,8 +230,7 @@ class ReferenceFeatures:
     #   bmia_online with ReferenceOptions.laplace)
     label_only: dict[str, dict[str, np.ndarray]]  # split -> calibrated_aug_count, label_lira (+ noise_lira,
     #   noise_rate_lr, calibrated_noise_correct with noisy queries)
-    rmia_a: float | None = 0.3  # RMIA's offline parameter as used (tuned on eval with rmia_a="auto"); None
-    #                             where it plays no part (every record has IN and OUT models: RMIA online)
+    rmia: RmiaSetting = RmiaSetting(online=True, a=None)  # RMIA's p(x) as used (tuned on eval: rmia_a="auto")
     sanity: list[dict] = field(default_factory=list)  # reference_sanity: each model's accuracy next to the
     #   victim's on the same held-out eval records (needs the eval membership)
     laplace_prior: float | None = None  # the last-layer Laplace prior scale as used (tuned on eval; None: off)
@@ -239,8 +260,8 @@ class ReferenceOptions:
     cache_dir: str | Path | None = None  # the cache's folder; None: mia.io.cache.cache_root's default
     min_models: int = 1  # fewer complete reference models: no reference features
     max_models: int | None = None  # use at most the first this many complete models (None: all)
-    rmia_a: float | str = "auto"  # RMIA's offline interpolation parameter, or "auto": the a of RMIA_A_GRID
-    #   with the best eval AUC (needs answers.eval_membership)
+    rmia_a: float | str = "auto"  # RMIA's offline interpolation parameter (used online), or "auto": online
+    #   or offline and the a of RMIA_A_GRID with the best eval AUC (needs answers.eval_membership)
     global_variance: bool | None = None  # LiRA: one variance for all records (None: when K is small)
     laplace: bool = True  # the last-layer Laplace attacks 'bmia' and 'bmia_online' (mia.core.laplace): one more
     #   pass of each reference model over the pool for its penultimate features (cached)
@@ -291,7 +312,7 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
     target = _victim_logits(answers.eval_logits, answers.test_logits, len(view_names), n_eval + n_test)
     eval_membership = None if answers.eval_membership is None else np.asarray(answers.eval_membership)
     rmia_a = o.rmia_a if o.rmia_a != "auto" or eval_membership is not None else 0.3
-    posterior, rmia_a = _posterior_values(target, ref_logits, masks, labels, rmia_a=rmia_a,
+    posterior, rmia = _posterior_values(target, ref_logits, masks, labels, rmia_a=rmia_a,
                                           global_variance=o.global_variance, eval_membership=eval_membership)
     label_only = _label_only_values(target.argmax(axis=-1), ref_logits, masks, labels)
     sanity = ([] if eval_membership is None else
@@ -309,5 +330,5 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
         label_only["calibrated_noise_correct"] = (calibrated_aug_count(victim_noisy, ref_noisy, labels, masks)
                                                   / len(noise_view_names))
     return ReferenceFeatures(k=ref_logits.shape[0], posterior=_split(posterior, n_eval),
-                             label_only=_split(label_only, n_eval), rmia_a=rmia_a, sanity=sanity,
+                             label_only=_split(label_only, n_eval), rmia=rmia, sanity=sanity,
                              laplace_prior=laplace_prior)
