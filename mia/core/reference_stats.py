@@ -26,12 +26,9 @@ rmia          RMIA (Zarifzadeh et al. 2024, "Low-cost high-power membership infe
               p(x) = (mean_IN + mean_OUT) / 2 of p(x|theta_k) over the record's IN and OUT models
               (online), or (1 + a)/2 * mean_OUT + (1 - a)/2 (the paper's offline estimate of that
               average) for a record without IN models (inverted for one without OUT models).
-              On the demo's resnet34 / vgg16 (K = 8) and a foreign WideResNet (K = 2) online
-              raised test AUC by 1.5 / 0.6 / 2.0 points over offline. Score = fraction of
-              population records z with r(x) / r(z) > gamma; the population is the other eval
-              and test records (the record itself excluded). Computed by sorting the population
-              ratios once and binary search:
-              O((n + m) log m) time, O(n + m) memory, never an n x m array.
+              Score = fraction of population records z with r(x) / r(z) > gamma; the population
+              is the other eval and test records (the record itself excluded). Computed by sorting
+              the population ratios once and binary search: O((n + m) log m) time, O(n + m) memory.
 ============  ===================================================================================
 
 Variances (LiRA): the mean and unbiased variance of each group per record and view, or one global
@@ -239,16 +236,12 @@ def rmia_log_ratios(target_log_p: np.ndarray, reference_log_p: np.ndarray, in_ma
     """log r(x) = log p(x|victim) - log p(x), RMIA's likelihood ratio. -> (n,) float64.
 
     target_log_p: (V, n) log p_y of the victim per view; reference_log_p: (K, V, n); in_mask (K, n).
-    p(x|theta) is p_y averaged over the views (in probability space); m_IN and m_OUT are its means over the
-    record's IN and OUT models. p(x) is the probability of x under a model that trained on x with
-    probability 1/2:
-    * ``online`` and the record has both IN and OUT models: p(x) = (m_IN + m_OUT) / 2 (RMIA online: the
-      reference models' average, half of them trained on x);
-    * OUT models only (or not ``online``): RMIA's offline model p_IN = a p_OUT + (1 - a) gives
-      p(x) = (1+a)/2 * m_OUT + (1-a)/2;
-    * IN models only (K = 1, or an incomplete set): the same model inverted, p_OUT = (m_IN - (1 - a)) / a
-      clipped to [0, m_IN] (0 when a = 0), p(x) = (m_IN + p_OUT) / 2.
-    0 <= a <= 1. a matters only for records in the last two cases.
+    p(x|theta) is p_y averaged over the views (in probability space); m_IN, m_OUT its means over the
+    record's IN and OUT models. p(x), x's probability under a model that trained on x with probability 1/2:
+    * ``online`` and IN and OUT models: p(x) = (m_IN + m_OUT) / 2 (RMIA online);
+    * OUT models only (or not ``online``): RMIA's offline p_IN = a p_OUT + (1 - a), p(x) = (1+a)/2 m_OUT + (1-a)/2;
+    * IN models only (K = 1, an incomplete set): the same inverted, p_OUT = (m_IN - (1 - a)) / a clipped to
+      [0, m_IN] (0 when a = 0), p(x) = (m_IN + p_OUT) / 2. 0 <= a <= 1 matters only in these two cases.
     """
     from scipy.special import logsumexp  # here: scipy costs 0.4 s to import
     if not 0.0 <= a <= 1.0:
