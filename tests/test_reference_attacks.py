@@ -82,6 +82,31 @@ def test_lira_shared_shift_by_hand():
     assert not np.allclose(fit_gaussians(REF, MASK, shared_shift=False).mu_out, fit.mu_out)
 
 
+def test_lira_shrunk_shift_by_hand():
+    # REF: record shifts 2.5 and 5 around their average 3.75: mean squared deviation 1.5625, below what the
+    # noise of two-model means explains (pooled within-record variance 3.125 x (1/2 + 1/2)): tau^2 = 0, and
+    # the shrunk means are the fully shared ones
+    shared = fit_gaussians(REF, MASK, shared_shift=True)
+    shrunk = fit_gaussians(REF, MASK, shared_shift=True, shrink=True)
+    np.testing.assert_allclose(shrunk.mu_out, shared.mu_out)
+    np.testing.assert_allclose(shrunk.mu_in, shared.mu_in)
+    # record 1's IN models at 27 and 29 (mean 28): shifts 2.5 and 25, average 13.75, squared deviations
+    # 11.25^2; tau^2 = 126.5625 - 3.125 = 123.4375, ratio r = tau^2 / 3.125 = 39.5, so the other group's
+    # shifted mean weighs n / (1 + n r) = 2 / 80 = 0.025 against the record's own 2 models
+    far = REF.copy()
+    far[[1, 3], 0, 1] = [27.0, 29.0]
+    fit = fit_gaussians(far, MASK, shared_shift=True, shrink=True)
+    w = 0.025
+    mu_out = [(2 * 0.5 + w * (3 - 13.75)) / (2 + w), (2 * 3 + w * (28 - 13.75)) / (2 + w)]
+    mu_in = [(2 * 3 + w * (0.5 + 13.75)) / (2 + w), (2 * 28 + w * (3 + 13.75)) / (2 + w)]
+    np.testing.assert_allclose(fit.mu_out, [mu_out], rtol=1e-12)
+    np.testing.assert_allclose(fit.mu_in, [mu_in], rtol=1e-12)
+    # one model per group (no within-record variance): full sharing
+    two = np.array([[True, False], [False, True]])
+    np.testing.assert_allclose(fit_gaussians(REF[:2], two, shared_shift=True, shrink=True).mu_out,
+                               fit_gaussians(REF[:2], two, shared_shift=True).mu_out)
+
+
 def test_lira_sums_over_views():
     single = fit_gaussians(REF, MASK, global_variance=False)
     two = fit_gaussians(np.concatenate([REF, REF + 10.0], axis=1), MASK, global_variance=False)

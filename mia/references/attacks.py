@@ -137,7 +137,8 @@ def _posterior_values(target: np.ndarray, ref_logits: np.ndarray, masks: np.ndar
         return np.stack([fn(z, labels) for z in flat]).reshape(logits.shape[:-1])
 
     target_phi = per_view(sig.logit_scaled_confidence, target)
-    fit = fit_gaussians(per_view(sig.logit_scaled_confidence, ref_logits), masks, global_variance=global_variance)
+    fit = fit_gaussians(per_view(sig.logit_scaled_confidence, ref_logits), masks, global_variance=global_variance,
+                        shrink=True)
     target_log_p, ref_log_p = per_view(sig.neg_loss, target), per_view(sig.neg_loss, ref_logits)
     if rmia_a == "auto":
         if eval_membership is None:
