@@ -160,7 +160,8 @@ def _shift_spread(mu_in: np.ndarray, mu_out: np.ndarray, n_in: np.ndarray, n_out
     d = mu_in[:, both] - mu_out[:, both] - shift
     noise = within * (1 / n_in[both] + 1 / n_out[both]).mean()
     tau2 = np.maximum((d**2).mean(axis=1, keepdims=True) - noise, 0.0)
-    return np.where(np.isnan(within) | (within <= 0), 0.0, tau2 / np.where(within > 0, within, 1.0))
+    known = within > 0  # False where s^2 is NaN (no record has two models in a group) or 0
+    return np.where(known, tau2 / np.where(known, within, 1.0), 0.0)
 
 
 def fit_gaussians(reference: np.ndarray, in_mask: np.ndarray, *, global_variance: bool | None = None,
