@@ -23,6 +23,7 @@ from mia.core.reference_stats import (
     rmia_scores,
 )
 from mia.core.laplace import PRIOR_SCALES
+from mia.core.metrics import auc
 from mia.references.attacks import ReferenceOptions, VictimAnswers, victim_reference_features
 from mia.references import ReferenceRecipe, load_reference_set, make_masks, reference_logits, train_references
 from mia.scoring import FLIP, IDENTITY, compute_logits, noise_views
@@ -216,6 +217,19 @@ def test_rmia_dominance_on_five_records_by_hand():
     # a separate population of 5: no exclusion
     np.testing.assert_allclose(rmia_dominance(np.log([3.0]), r), [4 / 5])
 
+
+@pytest.mark.parametrize("gamma", [1.0, 2.0])
+def test_rmia_ranking_does_not_depend_on_the_population(gamma):
+    # for a fixed gamma the score is the population's distribution function at log r(x) - log gamma: records
+    # are ordered by their own ratio, so a population of 7 or of 5,000 (and which one) ranks them alike
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=300)
+    members = (x + rng.normal(size=300) > 0).astype(np.int64)
+    for z in (rng.normal(size=7), rng.normal(1.0, 2.0, size=5000)):
+        s = rmia_dominance(x, z, gamma=gamma)
+        assert np.all(np.diff(s[np.argsort(x)]) >= 0)
+    big = rmia_dominance(x, rng.normal(size=5000), gamma=gamma)
+    assert auc(big, members) == pytest.approx(auc(x, members), abs=0.01)  # exact up to ties of the coarse CDF
 
 def test_rmia_scores_use_the_other_records_as_population():
     target = np.log([[0.9, 0.5, 0.2]])
@@ -438,7 +452,6 @@ def test_rmia_setting_keeps_only_what_acts_on_the_masks():
 
 
 def test_rmia_is_tuned_on_eval_auc():
-    from mia.core.metrics import auc
     from mia.references.attacks import RMIA_A_GRID, tune_rmia
 
     rng = np.random.default_rng(3)

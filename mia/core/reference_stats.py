@@ -31,6 +31,8 @@ rmia          RMIA (Zarifzadeh et al. 2024, "Low-cost high-power membership infe
               Score = fraction of population records z with r(x) / r(z) > gamma; the population
               is the other eval and test records (the record itself excluded). Computed by sorting
               the population ratios once and binary search: O((n + m) log m) time, O(n + m) memory.
+              For a fixed gamma that fraction is non-decreasing in r(x) alone, so records rank
+              as their own ratios do whatever the population: its size sets no attack's AUC or TPR.
 ============  ===================================================================================
 
 Variances (LiRA): the mean and unbiased variance of each group per record and view, or one global
