@@ -45,24 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="scoring: also time the project path through torch.compile")
     p.add_argument("--label-noise", default="none", metavar="S1,S2,...",
                    help="attacks: the label-only noisy queries' levels (default none; the run's default is 0.1,0.15)")
-    p.add_argument("--budgets", default="1,all", metavar="K1,K2,...",
+    p.add_argument("--budgets", default=None, metavar="K1,K2,...",
                    help="attacks: reference models used per victim after K = 0, 'all' = every complete one "
-                        "(default 1,all)")
+                        "(default 1,all); precision: the reference models of each comparison, 0 = none "
+                        "(default 0)")
+    p.add_argument("--victims", default=None, metavar="NAME,...",
+                   help="attacks, precision: only these victims (default: all the bundle's)")
     p.add_argument("--no-subprocess", action="store_true",
                    help="e2e: skip the `python -m mia run` child processes (wall time with imports, peak memory)")
     return p
 
 
-def parse_budgets(text: str) -> tuple[int | None, ...]:
-    """``"1,2,all"`` -> (1, 2, None): positive model counts, 'all' for every complete model."""
+def parse_budgets(text: str, *, zero: bool = False) -> tuple[int | None, ...]:
+    """``"1,2,all"`` -> (1, 2, None): positive model counts (and 0 with ``zero``), 'all' for every complete
+    model."""
     budgets = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         if part == "all":
             budgets.append(None)
-        elif part.isdigit() and int(part) > 0:
+        elif part.isdigit() and (int(part) > 0 or zero):
             budgets.append(int(part))
         else:
-            raise SystemExit(f"--budgets: expected positive integers or 'all', got {part!r}")
+            raise SystemExit(f"--budgets: expected {'integers >= 0' if zero else 'positive integers'} or 'all', "
+                             f"got {part!r}")
     if not budgets:
         raise SystemExit("--budgets: give at least one budget, e.g. 1,all")
     return tuple(budgets)
@@ -79,6 +84,7 @@ def _selected(only: str) -> list[str]:
 def run_benchmarks(args: argparse.Namespace, log=print) -> dict[str, BenchResult]:
     """Run the selected benchmarks with the options in ``args`` (see build_parser)."""
     results: dict[str, BenchResult] = {}
+    victims = tuple(v.strip() for v in args.victims.split(",") if v.strip()) if args.victims else None
     for name in _selected(args.only):
         if name == "scoring":
             from benchmarks.bench_scoring import ScoringConfig, run
@@ -108,7 +114,8 @@ def run_benchmarks(args: argparse.Namespace, log=print) -> dict[str, BenchResult
                                        Path(tempfile.mkdtemp(prefix="mia-attacks-")), log=log)
             noise = () if args.label_noise == "none" else tuple(float(x) for x in args.label_noise.split(","))
             results[name] = run(AttacksConfig(bundle=bundle, device=args.device, label_noise=noise,
-                                              budgets=parse_budgets(args.budgets)), log=log)
+                                              budgets=parse_budgets(args.budgets or "1,all"),
+                                              victims=victims), log=log)
         elif name == "training":
             from benchmarks.bench_training import TrainingConfig, run
 
@@ -124,7 +131,8 @@ def run_benchmarks(args: argparse.Namespace, log=print) -> dict[str, BenchResult
 
             bundle, _ = resolve_bundle(EndToEndConfig(bundle=args.bundle, tiny=args.tiny),
                                        Path(tempfile.mkdtemp(prefix="mia-precision-")), log=log)
-            cfg = PrecisionConfig(bundle=bundle, device=args.device)
+            cfg = PrecisionConfig(bundle=bundle, device=args.device, victims=victims,
+                                  budgets=parse_budgets(args.budgets or "0", zero=True))
             if args.tiny:
                 cfg.head_sample = 16
             results[name] = run(cfg, log=log)

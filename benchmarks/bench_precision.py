@@ -10,6 +10,10 @@ in bf16 too (``fp32_head=False``), the variant the fp32 head replaced.
 CPU autocast is slow (5-20x fp32 on a CPU without bf16 units), so by default the records are scored
 under the identity and flip views only and without the label-only noisy queries; the selection then
 sees fewer features than a default run, on both precisions alike.
+
+``budgets``: the reference models used, per comparison (0: none; None: every complete one). With
+references, their logits are computed in the same precision as the victim's (as a run does), and the
+comparison covers LiRA, RMIA and the label-only ratios through the chosen attacks.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ class PrecisionConfig:
     label_noise: tuple[float, ...] = ()  # label-only noisy queries of both runs (RunConfig.label_noise)
     head_sample: int = 256  # eval records scored with the head in bf16 too (logit deltas only)
     victims: tuple[str, ...] | None = None  # only these victims; None = all
+    budgets: tuple[int | None, ...] = (0,)  # reference models used (0: none, None: all), one comparison each
 
 
 def _row(victim: str, task: str, outcome) -> dict:
@@ -49,22 +54,44 @@ def _row(victim: str, task: str, outcome) -> dict:
             "auc": test.get("auc"), "tpr_1pct": test.get("tpr_at_1pct_fpr")}
 
 
+def _compare(victim, bundle, base: RunConfig, budget: int | None, seconds: dict, log) -> list[dict]:
+    """One row per task: the attack chosen and its test figures in fp32 and in bf16, with ``budget``
+    reference models (0: none, None: all); scoring seconds go to ``seconds`` (the first budget's: later
+    ones read the victim's logits from the cache)."""
+    per = {}
+    for precision in ("fp32", "bf16"):
+        config = dataclasses.replace(base, precision=precision, references=budget != 0,
+                                     reference_models=budget or None)
+        s, data = timed(functools.partial(score_victim, victim, bundle, config, progress=False))
+        seconds.setdefault((victim.name, precision), s)
+        if data.answers is None:
+            raise SystemExit(f"{victim.name}: the precision benchmark needs an answer key (answers/)")
+        if budget != 0 and data.n_reference_models == 0:
+            raise SystemExit(f"{victim.name}: no reference models under the bundle's references/ (budget {budget})")
+        per[precision] = data, attack_victim(data, config)
+        log(f"precision: {victim.name} K={data.n_reference_models} {precision} scored in {s:.0f}s")
+    (d32, o32), (_, o16) = per["fp32"], per["bf16"]
+    rows = []
+    for a, b in zip(o32, o16):
+        r32, r16 = _row(victim.name, f"task{a.task.task}", a), _row(victim.name, f"task{b.task.task}", b)
+        rows.append({"victim": victim.name, "k": d32.n_reference_models, "task": r32["task"], "fp32": r32,
+                     "bf16": r16, "same_attack": r32["attack"] == r16["attack"],
+                     "d_auc_points": 100 * (r16["auc"] - r32["auc"]),
+                     "d_tpr_points": 100 * (r16["tpr_1pct"] - r32["tpr_1pct"]),
+                     "d_acc_points": 100 * (r16["accuracy"] - r32["accuracy"])})
+    return rows
+
+
 def run(cfg: PrecisionConfig, log=print) -> BenchResult:
     bundle = discover(cfg.bundle, victims=list(cfg.victims) if cfg.victims else None)
     base = RunConfig(device=cfg.device, views=cfg.views, label_noise=cfg.label_noise, plots=False,
                      references=False)
     rows, deltas, seconds = [], [], {}
     for victim in bundle.victims:
-        per = {}
-        for precision in ("fp32", "bf16"):
-            config = dataclasses.replace(base, precision=precision)
-            s, data = timed(functools.partial(score_victim, victim, bundle, config, progress=False))
-            seconds[(victim.name, precision)] = s
-            if data.answers is None:
-                raise SystemExit(f"{victim.name}: the precision benchmark needs an answer key (answers/)")
-            per[precision] = data, attack_victim(data, config)
-            log(f"precision: {victim.name} {precision} scored in {s:.0f}s")
-        (d32, o32), (d16, o16) = per["fp32"], per["bf16"]
+        for budget in cfg.budgets:
+            rows += _compare(victim, bundle, base, budget, seconds, log)
+        d32, d16 = (score_victim(victim, bundle, dataclasses.replace(base, precision=p), progress=False)
+                    for p in ("fp32", "bf16"))  # cached by now
         moved = np.abs(d16.eval_logits[0].astype(np.float64) - d32.eval_logits[0])
         model, _, ev, _ = load_victim(victim, bundle, base)
         sample = ev.images[: cfg.head_sample]
@@ -77,20 +104,13 @@ def run(cfg: PrecisionConfig, log=print) -> BenchResult:
                        "sample_max_delta_fp32_head": float(np.abs(with_head - fp32).max()),
                        "sample_max_delta_bf16_head": float(np.abs(all_bf16 - fp32).max()),
                        "seconds_fp32": seconds[(victim.name, "fp32")], "seconds_bf16": seconds[(victim.name, "bf16")]})
-        for a, b in zip(o32, o16):
-            r32, r16 = _row(victim.name, f"task{a.task.task}", a), _row(victim.name, f"task{b.task.task}", b)
-            rows.append({"victim": victim.name, "task": r32["task"], "fp32": r32, "bf16": r16,
-                         "same_attack": r32["attack"] == r16["attack"],
-                         "d_auc_points": 100 * (r16["auc"] - r32["auc"]),
-                         "d_tpr_points": 100 * (r16["tpr_1pct"] - r32["tpr_1pct"]),
-                         "d_acc_points": 100 * (r16["accuracy"] - r32["accuracy"])})
     def pct(x: float) -> str:
         return f"{100 * x:.2f}"
 
     table = markdown_table(
-        ["victim", "task", "attack fp32", "attack bf16", "AUC fp32", "AUC bf16", "TPR@1% fp32", "TPR@1% bf16",
+        ["victim", "K", "task", "attack fp32", "attack bf16", "AUC fp32", "AUC bf16", "TPR@1% fp32", "TPR@1% bf16",
          "acc fp32", "acc bf16"],
-        [[r["victim"], r["task"], r["fp32"]["attack"], "same" if r["same_attack"] else r["bf16"]["attack"],
+        [[r["victim"], r["k"], r["task"], r["fp32"]["attack"], "same" if r["same_attack"] else r["bf16"]["attack"],
           *(pct(r[p][key]) for key in ("auc", "tpr_1pct", "accuracy") for p in ("fp32", "bf16"))] for r in rows])
     logit_table = markdown_table(
         ["victim", "max abs logit delta", "mean abs delta", "argmax agreement %", "sample max delta, fp32 head",
@@ -115,6 +135,7 @@ def run(cfg: PrecisionConfig, log=print) -> BenchResult:
          "### How far the logits move (identity view, eval records)\n\n" + logit_table],
         checks,
         notes=[(f"device {cfg.device}; views {cfg.views}; label-only noisy queries "
-                f"{'off' if not cfg.label_noise else cfg.label_noise}; no reference models")],
+                f"{'off' if not cfg.label_noise else cfg.label_noise}; K = reference models used, computed "
+                "in the victim's precision")],
         settings={k: str(v) for k, v in dataclasses.asdict(cfg).items()},
     )

@@ -56,8 +56,9 @@ class RunConfig:
     min_class_count: int = 20  # fewer eval records of a class -> the global threshold is used for it
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     batch_size: int = 256  # records per forward pass (each expands to one image per view)
-    precision: str = "auto"  # scoring arithmetic: "auto" (bf16 autocast with an fp32 classifier head on CUDA,
-    #   fp32 elsewhere), "fp32", or "bf16" (also on the CPU, where it emulates a GPU run); see mia.scoring
+    precision: str = "auto"  # scoring arithmetic: "auto" = "fp32" (on CUDA without TF32: the same choices as a
+    #   CPU run), or "bf16" (bf16 autocast, fp32 classifier head: faster on a GPU, emulated on the CPU); the
+    #   reference models' logits follow it; see mia.scoring.resolve_precision
     compile: bool = False  # score through torch.compile (mia.scoring.compute_logits): pays off on a GPU for a
     #   whole challenge bundle; the logits are cached apart from uncompiled ones
     plots: bool = True  # write results/plots/*.png

@@ -7,6 +7,7 @@ chosen device. A victim that cannot be loaded is a problem line, not a traceback
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from mia.io.records import Records, load_records
 from mia.errors import DataError, MIAError
 from mia.models.loading import VictimModelInfo, load_victim_model
 from mia.devices import resolve_device
-from mia.scoring import CPU_FORWARD_IMAGES, VIEW_SETS
+from mia.scoring import CPU_FORWARD_IMAGES, VIEW_SETS, ieee_fp32, resolve_precision
 
 __all__ = ["BundleSummary", "VictimSummary", "flops_per_image", "inspect_bundle", "load_victim",
            "format_duration", "measure_seconds_per_image", "summarize_victim", "total_line"]
@@ -104,12 +105,16 @@ def flops_per_image(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
     return int(counter.get_total_flops())
 
 
-def measure_seconds_per_image(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> float:
-    """Forward time per image on ``device``, from one timed batch of real records after a warm-up."""
+def measure_seconds_per_image(model: torch.nn.Module, images: np.ndarray, device: torch.device,
+                              precision: str = "auto") -> float:
+    """Forward time per image on ``device`` in ``precision`` (mia.scoring.resolve_precision: fp32, or bf16
+    autocast), from one timed batch of real records after a warm-up."""
     n = min(len(images), CPU_FORWARD_IMAGES if device.type == "cpu" else 256)
     x = torch.from_numpy(images[:n]).to(device)
     model = model.to(device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    bf16 = resolve_precision(device, precision) == "bf16"
+    with (torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+          contextlib.nullcontext() if bf16 else ieee_fp32(device)):
         model(x)  # warm-up at the timed size (allocations, kernel selection)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -140,7 +145,7 @@ def summarize_victim(victim: Victim, model: torch.nn.Module, info: VictimModelIn
     try:
         if measure:
             flops = flops_per_image(model, eval_recs.images.shape[1:])
-            seconds_per_image = measure_seconds_per_image(model, eval_recs.images, device)
+            seconds_per_image = measure_seconds_per_image(model, eval_recs.images, device, config.precision)
     except RuntimeError as e:  # shape errors from the model itself
         raise MIAError(f"{victim.name}: the model failed on images of shape {eval_recs.images.shape[1:]}: "
                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e

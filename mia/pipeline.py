@@ -186,8 +186,9 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
                                 tuple(data.view_names[i] for i in idx),
                                 data.eval_noise_labels if noisy else None, data.test_noise_labels if noisy else None,
                                 tuple(data.noise_view_names) if noisy else None, eval_membership=eval_recs.membership)
-        options = ReferenceOptions(device=config.device, batch_size=config.batch_size, progress=progress,
-                                   cache=config.cache, cache_dir=config.cache_dir, max_models=config.reference_models)
+        options = ReferenceOptions(device=config.device, precision=config.precision, batch_size=config.batch_size,
+                                   progress=progress, cache=config.cache, cache_dir=config.cache_dir,
+                                   max_models=config.reference_models)
         ref = victim_reference_features(bundle.root, victim, answers, options)
         if ref is None and _train_missing_references(victim, bundle, config, model, eval_recs, test_recs, len(idx),
                                                      seconds_per_image, progress, log):
@@ -235,9 +236,9 @@ def _train_missing_references(victim: Victim, bundle: Bundle, config: RunConfig,
             log(f"{victim.name}: no reference models; {cost}, then run again (LiRA and RMIA join the candidates)")
         return False
     recipe = ReferenceRecipe(device=str(device))
-    if seconds_per_image is None:
-        seconds_per_image = measure_seconds_per_image(model, eval_recs.images, device)
-    cost = reference_cost(seconds_per_image, len(eval_recs) + len(test_recs), recipe, n_views)
+    # timed in bf16: the references train in bf16 autocast on CUDA (mia.training), whatever the scoring precision
+    cost = reference_cost(measure_seconds_per_image(model, eval_recs.images, device, "bf16"),
+                          len(eval_recs) + len(test_recs), recipe, n_views)
     k = affordable_k(config.reference_budget, cost)
     if k < 1:
         if log is not None:

@@ -8,6 +8,7 @@ them in float64 (mia.core.signals).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -113,23 +114,43 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(device: str | torch.device | None, precision: str = "auto") -> str:
-    """"fp32" or "bf16": how compute_logits runs. "auto" is bf16 autocast on CUDA (with the classifier head
-    in fp32, see compute_logits) and fp32 elsewhere; "bf16" on the CPU emulates a GPU run's arithmetic."""
+    """"fp32" or "bf16": how compute_logits runs. "auto" is fp32 on every device (on CUDA without TF32):
+    bf16 autocast, even with the classifier head in fp32, changed a chosen attack and moved TPR at 1 % FPR
+    by 0.4 points once reference models' logits were computed in it too (docs/performance.md), beyond the
+    0.2 points a run may differ by; scoring is a small part of a GPU run's time. "bf16" (the body in bf16
+    autocast, the head in fp32) is the faster option; on the CPU it emulates a GPU's arithmetic.
+    ``device`` is kept for callers that resolve per device."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if resolve_device(device).type == "cuda" else "fp32"
-    return precision
+    return "fp32" if precision == "auto" else precision
 
 
 def precision_tag(device: str | torch.device | None, precision: str = "auto", compile: bool = False) -> str:
     """Everything about how compute_logits runs on ``device`` that changes its numbers: the device type,
-    the arithmetic (bf16 autocast with an fp32 head, or fp32), ``torch.compile`` (fused kernels round
-    differently) and the torch version. Part of every logits cache key, so logits computed one way are
-    never reused for a run of another."""
+    the arithmetic (bf16 autocast with an fp32 head; fp32, on CUDA without TF32), ``torch.compile`` (fused
+    kernels round differently) and the torch version. Part of every logits cache key, so logits computed
+    one way are never reused for a run of another."""
     dev = resolve_device(device)
-    mode = "bf16-autocast-fp32-head" if resolve_precision(dev, precision) == "bf16" else "fp32"
+    if resolve_precision(dev, precision) == "bf16":
+        mode = "bf16-autocast-fp32-head"
+    else:
+        mode = "fp32-no-tf32" if dev.type == "cuda" else "fp32"
     return f"device={dev.type};{mode}{';compiled' if compile else ''};torch={torch.__version__}"
+
+
+@contextlib.contextmanager
+def ieee_fp32(dev: torch.device):
+    """fp32 as on a CPU while inside: on CUDA, cuDNN's convolutions (and, where enabled, matrix products)
+    otherwise round their inputs to TF32's 10-bit mantissa. Restores the previous settings."""
+    if dev.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def classifier_head(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -166,8 +187,9 @@ def compute_logits(
     the images go to the device once and every batch's views go through one forward pass (no host
     synchronisation until the end); on the CPU that
     batch is split into forward passes of ``CPU_FORWARD_IMAGES`` images. ``precision`` (see
-    resolve_precision): under "bf16" the body runs in bf16 autocast and, with ``fp32_head``, the
-    classifier head (classifier_head) in fp32, so the logits are not rounded to bf16's 8-bit mantissa.
+    resolve_precision): under "fp32" (the default) no TF32 either (ieee_fp32); under "bf16" the body runs
+    in bf16 autocast and, with ``fp32_head``, the classifier head (classifier_head) in fp32, so the
+    logits are not rounded to bf16's 8-bit mantissa.
     ``compile``: the forward pass goes through ``torch.compile`` (compiled once per model and input
     shape, the first batch pays for it); when compiling fails (no C++ compiler, an operator it cannot
     trace) a RuntimeWarning says so and the pass runs uncompiled. The model is put in eval mode.
@@ -178,13 +200,16 @@ def compute_logits(
     head = classifier_head(model) if bf16 and fp32_head else None
     hook = head.register_forward_hook(_head_in_fp32) if head is not None else None
     try:
-        if compile:
-            try:
-                return _forward_views(_compiled(model), images, views, dev, batch_size, progress, labels_only, bf16)
-            except Exception as e:  # noqa: BLE001 - any compiler failure: the same pass, uncompiled
-                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                              "scoring without it", RuntimeWarning, stacklevel=2)
-        return _forward_views(model, images, views, dev, batch_size, progress, labels_only, bf16)
+        with contextlib.nullcontext() if bf16 else ieee_fp32(dev):
+            if compile:
+                try:
+                    return _forward_views(_compiled(model), images, views, dev, batch_size, progress, labels_only,
+                                          bf16)
+                except Exception as e:  # noqa: BLE001 - any compiler failure: the same pass, uncompiled
+                    first = str(e).splitlines()[0][:200] if str(e) else ""
+                    warnings.warn(f"torch.compile failed ({type(e).__name__}: {first}); scoring without it",
+                                  RuntimeWarning, stacklevel=2)
+            return _forward_views(model, images, views, dev, batch_size, progress, labels_only, bf16)
     finally:
         if hook is not None:
             hook.remove()

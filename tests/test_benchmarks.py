@@ -161,6 +161,18 @@ def test_scoring_peak_fraction_and_threads():
     assert torch.get_num_threads() == before  # restored
 
 
+
+def test_scoring_benchmark_times_the_bf16_option():
+    # on CUDA by default (the targets are the bf16 path's); asked for here, on the CPU's autocast
+    cfg = ScoringConfig(archs=("vgg16",), sizes=(32,), n=4, widths={"vgg16": 4}, device="cpu", repeat=1,
+                        signal_n=20, peak_tflops=1.0, bf16=True)
+    res = run_scoring(cfg, log=_quiet)
+    (row,) = [r for r in res.rows if "arch" in r]
+    assert row["bf16_records_per_s"] > 0 and row["bf16_peak_fraction"] == pytest.approx(row["bf16_tflops"] / 1.0)
+    assert "bf16 rec/s" in res.tables[0] and "bf16 % peak" in res.tables[0]
+    assert ScoringConfig(device="cpu").resolved().bf16 is False
+
+
 @pytest.mark.slow
 def test_scoring_benchmark_times_the_compiled_path():
     cfg = ScoringConfig(archs=("vgg16",), sizes=(32,), n=6, widths={"vgg16": 4}, device="cpu", repeat=1,
@@ -225,6 +237,9 @@ def test_budgets_parse_counts_and_all():
     for bad in ("0", "two", "", "1,-2"):
         with pytest.raises(SystemExit):
             parse_budgets(bad)
+    assert parse_budgets("0,2,all", zero=True) == (0, 2, None)  # the precision benchmark's: 0 = no references
+    with pytest.raises(SystemExit):
+        parse_budgets("-1", zero=True)
 
 
 def test_training_benchmark_toy():
@@ -269,3 +284,21 @@ def test_attacks_benchmark_with_and_without_references(tiny_bundle, copy_bundle,
     assert names[0].startswith("ours: ") and {"lira_online", "lira_offline", "rmia"} <= set(names)
     assert all(r["training_s"] > 0 for r in res.rows if r["k"] == 2)
     assert all(0 <= r["auc"] <= 1 for r in res.rows)
+
+
+@pytest.mark.slow
+def test_precision_benchmark_with_reference_models(tiny_bundle, copy_bundle, tmp_path, monkeypatch):
+    from benchmarks.bench_precision import PrecisionConfig, run
+    from mia.bundle import discover
+    from mia.references import ReferenceRecipe, train_references
+
+    monkeypatch.setenv("MIA_CACHE_DIR", str(tmp_path / "cache"))
+    root = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    victim = discover(root, victims=["vgg16_fashionmnist"]).victims[0]
+    train_references(root, victim, ReferenceRecipe(k=2, epochs=1, batch_size=16, device="cpu"), progress=False)
+    res = run(PrecisionConfig(bundle=root, victims=("vgg16_fashionmnist",), head_sample=8, budgets=(0, None)),
+              log=lambda _: None)
+    assert [(r["k"], r["task"]) for r in res.rows if "task" in r] == [(k, f"task{t}") for k in (0, 2) for t in (1, 2, 3)]
+    with pytest.raises(SystemExit, match="no reference models"):  # a budget on a bundle without them
+        run(PrecisionConfig(bundle=tiny_bundle, victims=("vgg16_fashionmnist",), head_sample=8, budgets=(1,)),
+            log=lambda _: None)

@@ -427,3 +427,17 @@ def test_run_config_selection_fields_are_validated_and_json_safe():
                 dict(bootstrap_resamples=-1)):
         with pytest.raises(ValueError):
             RunConfig(**bad)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_reference_models_answer_in_the_runs_precision(tiny_bundle, tmp_path, monkeypatch, precision):
+    # the reference models' logits are computed (and cached) in the precision the victim is scored in
+    import mia.references.attacks as reference_attacks
+
+    seen = []
+    monkeypatch.setattr(reference_attacks, "victim_reference_features",
+                        lambda root, victim, answers, options: seen.append(options) or None)
+    monkeypatch.setattr("mia.pipeline._train_missing_references", lambda *args, **kwargs: False)
+    run(tiny_bundle, RunConfig(victims=("vgg16_fashionmnist",), plots=False, label_noise=(), views="identity",
+                               precision=precision, cache_dir=str(tmp_path / "cache")), progress=False, log=None)
+    assert [o.precision for o in seen] == [precision]

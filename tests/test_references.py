@@ -274,6 +274,23 @@ def test_reference_logits_shape_and_cache(trained, monkeypatch):
     np.testing.assert_array_equal(reference_logits(ref_set, (IDENTITY, FLIP), device="cpu"), logits)
 
 
+
+def test_reference_logits_are_cached_per_precision(trained, monkeypatch):
+    # a bf16 run's reference logits are never served to an fp32 run (or the other way round): both are
+    # computed once, each under its own key, and come back from the cache as computed
+    _, ref_set = trained
+    fp32 = reference_logits(ref_set, (IDENTITY,), device="cpu", precision="fp32")
+    bf16 = reference_logits(ref_set, (IDENTITY,), device="cpu", precision="bf16")
+    assert 0 < np.abs(bf16 - fp32).max() < 0.5  # bf16 arithmetic: close, not equal
+    np.testing.assert_array_equal(reference_logits(ref_set, (IDENTITY,), device="cpu"), fp32)  # auto = fp32 on CPU
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("cache miss")
+
+    monkeypatch.setattr(ref_logits, "compute_logits", refuse)
+    np.testing.assert_array_equal(reference_logits(ref_set, (IDENTITY,), device="cpu", precision="bf16"), bf16)
+    np.testing.assert_array_equal(reference_logits(ref_set, (IDENTITY,), device="cpu", precision="fp32"), fp32)
+
 def test_reference_features_are_the_heads_input_and_cached_when_small(trained, tmp_path, monkeypatch):
     _, ref_set = trained
     feats, weight, bias = ref_logits.reference_features(ref_set, 1, (IDENTITY, FLIP), device="cpu",

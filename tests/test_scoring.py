@@ -63,12 +63,13 @@ def test_precision_is_part_of_the_logits_cache_key(tmp_path, monkeypatch):
     f.write_bytes(b"x")
     assert precision_tag("cpu") == f"device=cpu;fp32;torch={torch.__version__}"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the tag only, nothing runs on CUDA
-    assert precision_tag("cuda") == f"device=cuda;bf16-autocast-fp32-head;torch={torch.__version__}"
+    assert precision_tag("cuda") == precision_tag("cuda", "fp32") == f"device=cuda;fp32-no-tf32;torch={torch.__version__}"
+    assert precision_tag("cuda", "bf16") == f"device=cuda;bf16-autocast-fp32-head;torch={torch.__version__}"
     assert precision_tag("cpu", "bf16") == f"device=cpu;bf16-autocast-fp32-head;torch={torch.__version__}"
-    assert precision_tag("cuda", "fp32") == f"device=cuda;fp32;torch={torch.__version__}"
     assert precision_tag("cpu", compile=True) == f"device=cpu;fp32;compiled;torch={torch.__version__}"
-    keys = {cache_key(f, f, (IDENTITY,), None, "", p) for p in ("", precision_tag("cpu"), precision_tag("cuda"))}
-    assert len(keys) == 3  # a bf16 GPU run and an fp32 CPU run never share cached logits
+    tags = ("", precision_tag("cpu"), precision_tag("cuda"), precision_tag("cuda", "bf16"), precision_tag("cpu", "bf16"))
+    keys = {cache_key(f, f, (IDENTITY,), None, "", p) for p in tags}
+    assert len(keys) == 5  # a bf16 GPU run and an fp32 CPU run never share cached logits
 
 
 def _small_convnet(classes: int = 7) -> torch.nn.Module:
@@ -100,12 +101,29 @@ def test_bf16_scoring_keeps_the_classifier_head_in_fp32():
     assert not model[-1]._forward_hooks  # the hook is removed afterwards
 
 
-def test_precision_auto_is_fp32_on_the_cpu():
+def test_precision_auto_is_fp32_on_every_device(monkeypatch):
     from mia.scoring import resolve_precision
 
-    assert resolve_precision("cpu") == "fp32" and resolve_precision("cpu", "bf16") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolving only, nothing runs on CUDA
+    assert resolve_precision("cpu") == resolve_precision("cuda") == "fp32"
+    assert resolve_precision("cpu", "bf16") == resolve_precision("cuda", "bf16") == "bf16"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("cpu", "fp16")
+
+
+def test_ieee_fp32_turns_tf32_off_on_cuda_and_restores_it():
+    from mia.scoring import ieee_fp32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with ieee_fp32(torch.device("cuda")):  # the flags only: settable without a GPU
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with ieee_fp32(torch.device("cpu")):  # nothing to change on the CPU
+            assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.mark.cuda
@@ -114,18 +132,20 @@ def test_cuda_scoring_agrees_with_the_cpu():
     model = _small_convnet()
     images = np.random.default_rng(1).normal(size=(64, 3, 8, 8)).astype(np.float32)
     cpu = compute_logits(model, images, device="cpu", precision="fp32")
-    gpu = compute_logits(model, images, device="cuda", precision="auto")
-    assert np.abs(gpu - cpu).max() < 0.05 and (gpu.argmax(-1) == cpu.argmax(-1)).mean() > 0.95
+    gpu = compute_logits(model, images, device="cuda")  # the default: fp32 without TF32
+    assert np.abs(gpu - cpu).max() < 1e-4 and (gpu.argmax(-1) == cpu.argmax(-1)).all()
+    bf16 = compute_logits(model, images, device="cuda", precision="bf16")
+    assert np.abs(bf16 - cpu).max() < 0.05 and (bf16.argmax(-1) == cpu.argmax(-1)).mean() > 0.95
 
 
-def _small_convnet() -> torch.nn.Module:
+def _tiny_convnet() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                torch.nn.Flatten(), torch.nn.Linear(4, 5))
 
 
 def test_a_failing_compile_warns_and_scores_uncompiled(monkeypatch):
-    model = _small_convnet()
+    model = _tiny_convnet()
     images = np.random.default_rng(1).normal(size=(10, 3, 8, 8)).astype(np.float32)
     eager = compute_logits(model, images, (IDENTITY, FLIP), device="cpu", batch_size=4)
 
@@ -136,7 +156,7 @@ def test_a_failing_compile_warns_and_scores_uncompiled(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(RuntimeWarning, match="torch.compile failed .RuntimeError: no C.. compiler.; scoring without"):
-        logits = compute_logits(_small_convnet(), images, (IDENTITY, FLIP), device="cpu", batch_size=4, compile=True)
+        logits = compute_logits(_tiny_convnet(), images, (IDENTITY, FLIP), device="cpu", batch_size=4, compile=True)
     np.testing.assert_array_equal(logits, eager)
 
 
@@ -144,7 +164,7 @@ def test_a_failing_compile_warns_and_scores_uncompiled(monkeypatch):
 def test_compiled_scoring_matches_eager_on_the_cpu():
     """torch.compile with the CPU's C++ backend (tens of seconds to compile): the same logits up to rounding,
     for batches of two shapes (the last batch is smaller) and a second call reusing the compiled model."""
-    model = _small_convnet()
+    model = _tiny_convnet()
     images = np.random.default_rng(2).normal(size=(10, 3, 8, 8)).astype(np.float32)
     eager = compute_logits(model, images, (IDENTITY, FLIP), device="cpu", batch_size=4)
     with warnings.catch_warnings():

@@ -83,8 +83,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     add_bundle_option(p)
     p.add_argument("--device", default=d.device, help=f"auto (cuda if available), cpu, cuda, cuda:N (default {d.device})")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
-                   help="scoring arithmetic: auto = bf16 autocast with an fp32 classifier head on CUDA, fp32 on the "
-                        f"CPU; bf16 on the CPU emulates a GPU run (default {d.precision})")
+                   help="scoring arithmetic: auto = fp32 (on CUDA without TF32); bf16 = bf16 autocast with an "
+                        "fp32 classifier head, faster on a GPU (on the CPU it emulates one); the reference "
+                        f"models' logits follow it (default {d.precision})")
     p.add_argument("--compile", action="store_true", default=d.compile,
                    help="score through torch.compile (worth it on a GPU for a whole bundle; the first batch of "
                         "each shape pays for compiling)")

@@ -54,7 +54,7 @@ def _split(values: dict[str, np.ndarray], n_eval: int) -> dict[str, dict[str, np
 def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view_names: list[str], *, min_models: int,
                      references_root, device: str, batch_size: int, progress: bool,
                      noise_view_names: list[str] | None = None, cache: bool = True,
-                     cache_dir: str | Path | None = None, max_models: int | None = None):
+                     cache_dir: str | Path | None = None, max_models: int | None = None, precision: str = "auto"):
     """(reference set, reference logits (K, V, n, C) on the victim's eval + test records, in_mask (K, n),
     the references' predicted labels (K, Q, n) under the noisy queries ``noise_view_names`` or None), or
     None when the victim has no usable reference set. Reads (or computes) each model's logits once."""
@@ -63,11 +63,12 @@ def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view
         return None
     n = n_eval + n_test
     ref_logits = reference_logits(ref_set, views_from_names(view_names), device=device, batch_size=batch_size,
-                                  progress=progress, cache=cache, cache_dir=cache_dir)[:, :, :n]
+                                  progress=progress, cache=cache, cache_dir=cache_dir, precision=precision)[:, :, :n]
     if noise_view_names is None:
         return ref_set, ref_logits, ref_set.complete_masks()[:, :n], None
     ref_noisy = reference_logits(ref_set, views_from_names(noise_view_names), device=device, batch_size=batch_size,
-                                 progress=progress, labels_only=True, cache=cache, cache_dir=cache_dir)[:, :, :n]
+                                 progress=progress, labels_only=True, cache=cache, cache_dir=cache_dir,
+                                 precision=precision)[:, :, :n]
     return ref_set, ref_logits, ref_set.complete_masks()[:, :n], ref_noisy
 
 
@@ -257,6 +258,7 @@ class ReferenceOptions:
     """How the reference models are used."""
 
     device: str = "auto"  # where the references compute their logits (cached)
+    precision: str = "auto"  # their arithmetic (RunConfig.precision: the victim's): "auto", "fp32", "bf16"
     cache: bool = True  # keep the references' logits and the pool's records in the cache (mia.io.cache)
     cache_dir: str | Path | None = None  # the cache's folder; None: mia.io.cache.cache_root's default
     min_models: int = 1  # fewer complete reference models: no reference features
@@ -305,7 +307,7 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
     loaded = _load_references(bundle_root, victim, n_eval, n_test, view_names, min_models=o.min_models,
                               references_root=o.references_root, device=o.device, batch_size=o.batch_size,
                               progress=o.progress, noise_view_names=noise_view_names, cache=o.cache,
-                              cache_dir=o.cache_dir, max_models=o.max_models)
+                              cache_dir=o.cache_dir, max_models=o.max_models, precision=o.precision)
     if loaded is None:
         return None
     ref_set, ref_logits, masks, ref_noisy = loaded

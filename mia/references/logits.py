@@ -52,13 +52,14 @@ def views_from_names(names: list[str] | tuple[str, ...]) -> tuple[View, ...]:
 
 
 def _logits_cache_path(cache_dir: Path, ref_set: ReferenceSet, j: int, views: tuple[View, ...],
-                       labels_only: bool = False, device: str = "auto", what: str = "") -> Path:
+                       labels_only: bool = False, device: str = "auto", what: str = "",
+                       precision: str = "auto") -> Path:
     """``<cache_dir>/logits/reference-<victim>-model_<j>-<key>.npz``: the key hashes the model file, the pool's
     fingerprint, the views, the architecture file, ``labels_only`` (or ``what`` else it holds) and the
     precision."""
     h = hashlib.sha256(f"format={LOGITS_FORMAT};views={[v.name for v in views]};"
                        f"pool={ref_set.fingerprint}{';labels' if labels_only else ''}{what};"
-                       f"{precision_tag(device, 'fp32' if what else 'auto')}".encode())
+                       f"{precision_tag(device, 'fp32' if what else precision)}".encode())
     h.update(file_digest(ref_set.model_path(j)).encode())
     arch_file = ref_set.manifest.get("architecture_file", {}).get("sha256", "-")
     h.update(str(arch_file).encode())
@@ -69,9 +70,10 @@ def _logits_cache_path(cache_dir: Path, ref_set: ReferenceSet, j: int, views: tu
 def reference_logits(ref_set: ReferenceSet, views: tuple[View, ...] = (IDENTITY,), device: str = "auto",
                      batch_size: int = 256, *, progress: bool = False, cache: bool = True,
                      cache_dir: str | Path | None = None, pool: Pool | None = None,
-                     labels_only: bool = False) -> np.ndarray:
+                     labels_only: bool = False, precision: str = "auto") -> np.ndarray:
     """Logits of every complete reference model on the whole pool -> (K, V, N_pool, C) float32; with
     ``labels_only`` their predicted labels -> (K, V, N_pool) int64 (for the many noisy queries).
+    ``precision``: compute_logits' (the victim's: RunConfig.precision), part of the cache key.
 
     K = len(ref_set.complete), in that order (``ref_set.complete_masks()`` are the matching masks);
     V = len(views). With ``cache``, each model's array is kept under ``<cache root>/logits/`` (mia.io.cache:
@@ -83,12 +85,13 @@ def reference_logits(ref_set: ReferenceSet, views: tuple[View, ...] = (IDENTITY,
     out = []
     for j in tqdm(ref_set.complete, desc=f"{ref_set.manifest['victim']} reference logits", unit="model",
                   disable=not progress, leave=False):
-        path = _logits_cache_path(root, ref_set, j, views, labels_only, device) if root is not None else None
+        path = (_logits_cache_path(root, ref_set, j, views, labels_only, device, precision=precision)
+                if root is not None else None)
 
         def compute(j: int = j) -> np.ndarray:
             images = (pool if pool is not None else ref_set.load_pool(cache_dir=root)).images
             return compute_logits(ref_set.load_model(j), images, views, device=device, batch_size=batch_size,
-                                  labels_only=labels_only)
+                                  labels_only=labels_only, precision=precision)
 
         def valid(a: np.ndarray) -> bool:
             if labels_only:
