@@ -115,9 +115,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def resolve_precision(device: str | torch.device | None, precision: str = "auto") -> str:
     """"fp32" or "bf16": how compute_logits runs. "auto" is fp32 on every device (on CUDA without TF32):
-    bf16 autocast, even with the classifier head in fp32, changed a chosen attack and moved TPR at 1 % FPR
-    by 0.4 points once reference models' logits were computed in it too (docs/performance.md), beyond the
-    0.2 points a run may differ by; scoring is a small part of a GPU run's time. "bf16" (the body in bf16
+    bf16 autocast, even with the classifier head in fp32, changed 3 of 18 chosen attacks on the demo (with
+    and without reference models) and moved TPR at 1 % FPR by up to 0.5 points (docs/performance.md),
+    beyond the 0.2 points a run may differ by; scoring is a small part of a GPU run's time. "bf16" (the body in bf16
     autocast, the head in fp32) is the faster option; on the CPU it emulates a GPU's arithmetic.
     ``device`` is kept for callers that resolve per device."""
     if precision not in PRECISIONS:
