@@ -54,10 +54,10 @@ def _row(victim: str, task: str, outcome) -> dict:
             "auc": test.get("auc"), "tpr_1pct": test.get("tpr_at_1pct_fpr")}
 
 
-def _compare(victim, bundle, base: RunConfig, budget: int | None, seconds: dict, log) -> list[dict]:
-    """One row per task: the attack chosen and its test figures in fp32 and in bf16, with ``budget``
-    reference models (0: none, None: all); scoring seconds go to ``seconds`` (the first budget's: later
-    ones read the victim's logits from the cache)."""
+def _compare(victim, bundle, base: RunConfig, budget: int | None, seconds: dict, log) -> tuple[list[dict], dict]:
+    """(one row per task: the attack chosen and its test figures in fp32 and in bf16, with ``budget``
+    reference models (0: none, None: all); {precision: VictimData}). Scoring seconds go to ``seconds`` (the
+    first budget's: later ones read the victim's logits from the cache)."""
     per = {}
     for precision in ("fp32", "bf16"):
         config = dataclasses.replace(base, precision=precision, references=budget != 0,
@@ -70,7 +70,7 @@ def _compare(victim, bundle, base: RunConfig, budget: int | None, seconds: dict,
             raise SystemExit(f"{victim.name}: no reference models under the bundle's references/ (budget {budget})")
         per[precision] = data, attack_victim(data, config)
         log(f"precision: {victim.name} K={data.n_reference_models} {precision} scored in {s:.0f}s")
-    (d32, o32), (_, o16) = per["fp32"], per["bf16"]
+    (d32, o32), (d16, o16) = per["fp32"], per["bf16"]
     rows = []
     for a, b in zip(o32, o16):
         r32, r16 = _row(victim.name, f"task{a.task.task}", a), _row(victim.name, f"task{b.task.task}", b)
@@ -79,7 +79,7 @@ def _compare(victim, bundle, base: RunConfig, budget: int | None, seconds: dict,
                      "d_auc_points": 100 * (r16["auc"] - r32["auc"]),
                      "d_tpr_points": 100 * (r16["tpr_1pct"] - r32["tpr_1pct"]),
                      "d_acc_points": 100 * (r16["accuracy"] - r32["accuracy"])})
-    return rows
+    return rows, {"fp32": d32, "bf16": d16}
 
 
 def run(cfg: PrecisionConfig, log=print) -> BenchResult:
@@ -89,9 +89,9 @@ def run(cfg: PrecisionConfig, log=print) -> BenchResult:
     rows, deltas, seconds = [], [], {}
     for victim in bundle.victims:
         for budget in cfg.budgets:
-            rows += _compare(victim, bundle, base, budget, seconds, log)
-        d32, d16 = (score_victim(victim, bundle, dataclasses.replace(base, precision=p), progress=False)
-                    for p in ("fp32", "bf16"))  # cached by now
+            budget_rows, data = _compare(victim, bundle, base, budget, seconds, log)
+            rows += budget_rows
+        d32, d16 = data["fp32"], data["bf16"]  # the victim's own logits: the same at every budget
         moved = np.abs(d16.eval_logits[0].astype(np.float64) - d32.eval_logits[0])
         model, _, ev, _ = load_victim(victim, bundle, base)
         sample = ev.images[: cfg.head_sample]

@@ -7,7 +7,6 @@ chosen device. A victim that cannot be loaded is a problem line, not a traceback
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,8 +112,8 @@ def measure_seconds_per_image(model: torch.nn.Module, images: np.ndarray, device
     x = torch.from_numpy(images[:n]).to(device)
     model = model.to(device)
     bf16 = resolve_precision(device, precision) == "bf16"
-    with (torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
-          contextlib.nullcontext() if bf16 else ieee_fp32(device)):
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    with torch.no_grad(), autocast, ieee_fp32(device, enabled=not bf16):
         model(x)  # warm-up at the timed size (allocations, kernel selection)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

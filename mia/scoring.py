@@ -117,8 +117,8 @@ def resolve_precision(device: str | torch.device | None, precision: str = "auto"
     """"fp32" or "bf16": how compute_logits runs. "auto" is fp32 on every device (on CUDA without TF32):
     bf16 autocast, even with the classifier head in fp32, changed 3 of 18 chosen attacks on the demo (with
     and without reference models) and moved TPR at 1 % FPR by up to 0.5 points (docs/performance.md),
-    beyond the 0.2 points a run may differ by; scoring is a small part of a GPU run's time. "bf16" (the body in bf16
-    autocast, the head in fp32) is the faster option; on the CPU it emulates a GPU's arithmetic.
+    beyond the 0.2 points a run may differ by; scoring is a small part of a GPU run's time. "bf16" (the
+    body in bf16 autocast, the head in fp32) is the faster option; on the CPU it emulates a GPU's arithmetic.
     ``device`` is kept for callers that resolve per device."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -139,10 +139,11 @@ def precision_tag(device: str | torch.device | None, precision: str = "auto", co
 
 
 @contextlib.contextmanager
-def ieee_fp32(dev: torch.device):
+def ieee_fp32(dev: torch.device, enabled: bool = True):
     """fp32 as on a CPU while inside: on CUDA, cuDNN's convolutions (and, where enabled, matrix products)
-    otherwise round their inputs to TF32's 10-bit mantissa. Restores the previous settings."""
-    if dev.type != "cuda":
+    otherwise round their inputs to TF32's 10-bit mantissa. Restores the previous settings. A no-op when
+    not ``enabled`` (bf16 autocast: TF32 does not apply) or off CUDA."""
+    if dev.type != "cuda" or not enabled:
         yield
         return
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -200,7 +201,7 @@ def compute_logits(
     head = classifier_head(model) if bf16 and fp32_head else None
     hook = head.register_forward_hook(_head_in_fp32) if head is not None else None
     try:
-        with contextlib.nullcontext() if bf16 else ieee_fp32(dev):
+        with ieee_fp32(dev, enabled=not bf16):
             if compile:
                 try:
                     return _forward_views(_compiled(model), images, views, dev, batch_size, progress, labels_only,

@@ -264,9 +264,9 @@ def test_precision_benchmark_on_the_tiny_bundle(tiny_bundle, tmp_path, monkeypat
     assert len(res.checks) == 3 and "attack fp32" in res.tables[0]
 
 
-@pytest.mark.slow
-def test_attacks_benchmark_with_and_without_references(tiny_bundle, copy_bundle, tmp_path, monkeypatch):
-    from benchmarks.bench_attacks import AttacksConfig, run
+@pytest.fixture
+def bundle_with_two_references(tiny_bundle, copy_bundle, tmp_path, monkeypatch):
+    """A copy of the tiny bundle whose vgg16 victim has two reference models (the cache in tmp_path)."""
     from mia.bundle import discover
     from mia.references import ReferenceRecipe, train_references
 
@@ -274,6 +274,14 @@ def test_attacks_benchmark_with_and_without_references(tiny_bundle, copy_bundle,
     root = copy_bundle(tiny_bundle, tmp_path / "bundle")
     victim = discover(root, victims=["vgg16_fashionmnist"]).victims[0]
     train_references(root, victim, ReferenceRecipe(k=2, epochs=1, batch_size=16, device="cpu"), progress=False)
+    return root
+
+
+@pytest.mark.slow
+def test_attacks_benchmark_with_and_without_references(bundle_with_two_references):
+    from benchmarks.bench_attacks import AttacksConfig, run
+
+    root = bundle_with_two_references
     res = run(AttacksConfig(bundle=root, device="cpu", victims=("vgg16_fashionmnist",), budgets=(1, 2, None)),
               log=lambda _: None)
     ks = [(r["access"], r["k"]) for r in res.rows if r["attack"].startswith("ours")]
@@ -287,15 +295,10 @@ def test_attacks_benchmark_with_and_without_references(tiny_bundle, copy_bundle,
 
 
 @pytest.mark.slow
-def test_precision_benchmark_with_reference_models(tiny_bundle, copy_bundle, tmp_path, monkeypatch):
+def test_precision_benchmark_with_reference_models(bundle_with_two_references, tiny_bundle):
     from benchmarks.bench_precision import PrecisionConfig, run
-    from mia.bundle import discover
-    from mia.references import ReferenceRecipe, train_references
 
-    monkeypatch.setenv("MIA_CACHE_DIR", str(tmp_path / "cache"))
-    root = copy_bundle(tiny_bundle, tmp_path / "bundle")
-    victim = discover(root, victims=["vgg16_fashionmnist"]).victims[0]
-    train_references(root, victim, ReferenceRecipe(k=2, epochs=1, batch_size=16, device="cpu"), progress=False)
+    root = bundle_with_two_references
     res = run(PrecisionConfig(bundle=root, victims=("vgg16_fashionmnist",), head_sample=8, budgets=(0, None)),
               log=lambda _: None)
     assert [(r["k"], r["task"]) for r in res.rows if "task" in r] == [(k, f"task{t}") for k in (0, 2) for t in (1, 2, 3)]
