@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions per measurement (default 3)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also save every number as JSON")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak for the %%-of-peak column (default: 989, H100/H200 bf16 dense, on CUDA; none on CPU)")
+                   help="bf16 dense peak for the %%-of-peak columns (default: from the GPU's name, e.g. 989 for an H200; "
+                        "none on CPU)")
     p.add_argument("--width", type=int, default=None,
                    help="scoring: width of every architecture (default: 16 on CPU, the paper's on CUDA)")
     p.add_argument("--records", type=int, default=None,

@@ -19,7 +19,9 @@ by threads spinning while their partner waits for a core); the median of per-rep
 in the JSON too. ``threads`` fixes torch's thread count for the measurement (same for both paths).
 Model FLOPs per record come from ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts
 2), so achieved FLOP/s = FLOPs/record x records/s; on CUDA it is also given as a fraction of the
-device's peak (``peak_tflops``, 989 = H100/H200 bf16 dense by default).
+device's bf16 dense peak (``peak_tflops``; by default looked up from the device's name,
+``bf16_peak_tflops``). The fp32 paths' fractions are of the same bf16 peak (their own peaks are lower):
+the headers say so.
 
 A second table isolates the signals: the per-record Python loop against ``all_signals`` on the same
 logits (no model), and checks that both give the same numbers.
@@ -37,11 +39,22 @@ from benchmarks import BenchResult, Check, best_ratio, fmt, interleaved, markdow
 from mia.models.registry import REPO_ARCHITECTURES, repo_builder
 from mia.devices import resolve_device
 from mia.inspection import flops_per_image
-from mia.scoring import IDENTITY, compute_logits
+from mia.scoring import IDENTITY, compute_logits, ieee_fp32
 from mia.core.signals import all_signals
 
 ARCHS = ("resnet34", "vgg16", "mobilenetv2")
-CUDA_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, bf16 dense tensor cores
+#: bf16 dense tensor-core peaks (TFLOP/s, datasheets) by a fragment of torch.cuda.get_device_name, the
+#: most specific first; a device not listed gets no %-of-peak column unless --peak-tflops is given.
+BF16_PEAKS = (("H200 NVL", 835.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0),
+              ("A100", 312.0), ("L40S", 362.0))
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The bf16 dense peak of the GPU named ``device_name`` (``torch.cuda.get_device_name``), or None."""
+    for fragment, peak in BF16_PEAKS:
+        if fragment in device_name:
+            return peak
+    return None
 CPU_WIDTHS = {"resnet34": 16, "vgg16": 16, "mobilenetv2": 16}  # the demo bundle's victims
 NAIVE_BATCH = 64
 PROJECT_BATCH = 256
@@ -58,7 +71,7 @@ class ScoringConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     repeat: int = 3  # timed repetitions of each path (interleaved)
     threads: int | None = None  # torch.set_num_threads for the measurement; None: leave torch's setting
-    peak_tflops: float | None = None  # device peak for the fraction column; None: 989 on CUDA, none on CPU
+    peak_tflops: float | None = None  # bf16 peak for the fraction columns; None: by the GPU's name, none on CPU
     num_classes: int = 10
     signal_n: int = 20000  # records in the signals-only comparison
     seed: int = 0
@@ -79,7 +92,8 @@ class ScoringConfig:
             device=str(dev),
             repeat=max(1, int(self.repeat)),
             threads=self.threads,
-            peak_tflops=self.peak_tflops if self.peak_tflops is not None else (CUDA_PEAK_TFLOPS if cuda else None),
+            peak_tflops=(self.peak_tflops if self.peak_tflops is not None
+                         else bf16_peak_tflops(torch.cuda.get_device_name(dev)) if cuda else None),
             num_classes=self.num_classes,
             signal_n=self.signal_n,
             seed=self.seed,
@@ -117,11 +131,12 @@ def naive_scoring(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray
                   batch_size: int = NAIVE_BATCH) -> dict[str, np.ndarray]:
     """The baseline: fp32 batches of 64, ``.cpu()`` per batch, signals per record in Python.
 
-    images (n, C, H, W) float32, labels (n,) -> {signal: (n,) float64}.
+    images (n, C, H, W) float32, labels (n,) -> {signal: (n,) float64}. fp32 as the project's default path
+    computes it (on CUDA without TF32, which cuDNN would otherwise use for convolutions).
     """
     model.eval()
     out: list[dict[str, np.ndarray]] = []
-    with torch.no_grad():
+    with torch.no_grad(), ieee_fp32(device):
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(images[start : start + batch_size]).to(device)
             logits = model(x).cpu().numpy()
@@ -282,7 +297,7 @@ def run(config: ScoringConfig | None = None, log=print) -> BenchResult:
     headers = ["arch (width)", "input", "MFLOP/record", "baseline rec/s", "project rec/s", "speedup (by CPU time)",
                "baseline TFLOP/s", "project TFLOP/s"]
     if cfg.peak_tflops:
-        headers += ["baseline % peak", "project % peak"]
+        headers += ["baseline % bf16 peak", "project % bf16 peak"]
     if cfg.compile:
         headers += ["compiled rec/s", "compiled speedup"]
     if cfg.bf16:
@@ -312,7 +327,7 @@ def run(config: ScoringConfig | None = None, log=print) -> BenchResult:
         f"baseline: fp32, batch {NAIVE_BATCH}, `.cpu()` per batch, 4 signals per record in Python; "
         f"project: `compute_logits` (identity view, batch {PROJECT_BATCH}, {precision}) + `all_signals` (7 signals)"
         + ("; bf16: the same with `precision=\"bf16\"` (bf16 autocast, fp32 head)" if cfg.bf16 else "")
-        + (f"; peak {cfg.peak_tflops:g} TFLOP/s" if cfg.peak_tflops else "") + ".\n\n"
+        + (f"; bf16 dense peak {cfg.peak_tflops:g} TFLOP/s" if cfg.peak_tflops else "") + ".\n\n"
         + markdown_table(headers, table_rows)
     )
     sig_table = (

@@ -249,8 +249,14 @@ def _train_missing_references(victim: Victim, bundle: Bundle, config: RunConfig,
     if log is not None:
         log(f"{victim.name}: training {k} reference models (about {format_duration(k * cost.seconds)} of the "
             f"{format_duration(config.reference_budget)} budget) on {device}")
-    train_references(bundle.root, victim, dataclasses.replace(recipe, k=k), progress=progress,
-                     arch_dirs=bundle.arch_dirs, trust=config.trust_checkpoints, cache_dir=config.cache_dir)
+    try:
+        train_references(bundle.root, victim, dataclasses.replace(recipe, k=k), progress=progress,
+                         arch_dirs=bundle.arch_dirs, trust=config.trust_checkpoints, cache_dir=config.cache_dir,
+                         time_budget=config.reference_budget, log=log)
+    except MIAError as e:  # e.g. a folder holding another recipe's unfinished set: the run goes on without
+        if log is not None:
+            log(f"{victim.name}: no reference models trained ({e}); the run goes on without them")
+        return False
     return True
 
 

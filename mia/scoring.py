@@ -26,8 +26,12 @@ from mia.io.cache import cached_array, file_digest
 CACHE_FORMAT = 2  # bump when the logits a cache file holds would change
 #: On the CPU a forward pass takes at most this many images: larger batches fall out of the CPU caches
 #: (measured with 2 threads, channels_last: ResNet34 at 64x64 scores 262 images/s in batches of 64 and
-#: 143 in batches of 256; MobileNetV2 at 32x32 578 against 290). CUDA takes the whole batch at once.
+#: 143 in batches of 256; MobileNetV2 at 32x32 578 against 290).
 CPU_FORWARD_IMAGES = 64
+#: Images per forward pass on CUDA: all views of a batch (32 noisy queries x 256 records = 8,192 images)
+#: in one pass would hold activations of 8-18 GiB at 64x64; 2,048 keep a pass large enough to fill the
+#: device while fitting far smaller GPUs than an H200 (splitting a batch adds no host synchronisation).
+CUDA_FORWARD_IMAGES = 2048
 
 
 #: Seed of the noise patterns: draw d is the same standard normal image on every device and run.
@@ -105,9 +109,15 @@ def apply_view(images: torch.Tensor, view: View) -> torch.Tensor:
         top, left = p - view.dy, p - view.dx
         out = padded[..., top : top + h, left : left + w]
     if view.noise:
-        pattern = noise_pattern(tuple(out.shape[1:]), view.draw).to(out.device, out.dtype)
-        out = out + view.noise * pattern
+        out = out + view.noise * _pattern_on(tuple(out.shape[1:]), view.draw, str(out.device), out.dtype)
     return out
+
+
+@lru_cache(maxsize=512)
+def _pattern_on(shape: tuple[int, ...], draw: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """noise_pattern on ``device``: copied there once, not once per batch (a copy from host memory
+    would wait for the device's queue each time)."""
+    return noise_pattern(shape, draw).to(device, dtype)
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -146,12 +156,25 @@ def ieee_fp32(dev: torch.device, enabled: bool = True):
     if dev.type != "cuda" or not enabled:
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    flags = _fp32_flags()
+    saved = [getattr(owner, name) for owner, name, _ in flags]
+    for owner, name, value in flags:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for (owner, name, _), value in zip(flags, saved):
+            setattr(owner, name, value)
+
+
+def _fp32_flags() -> list[tuple[object, str, object]]:
+    """(owner, attribute, value inside ieee_fp32) for the TF32 switches of this torch. From torch 2.9 the
+    ``fp32_precision`` attributes; reading the legacy ``allow_tf32`` flags raises once anything in the
+    process set precision through them, so they are used only where the new ones do not exist."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        return [(torch.backends.cuda.matmul, "fp32_precision", "ieee"), (conv, "fp32_precision", "ieee")]
+    return [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
 
 
 def classifier_head(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -167,7 +190,6 @@ def _head_in_fp32(module: torch.nn.Linear, inputs: tuple[torch.Tensor, ...], out
         return F.linear(inputs[0].float(), module.weight.float(), bias)
 
 
-@torch.inference_mode()
 def compute_logits(
     model: torch.nn.Module,
     images: np.ndarray,
@@ -185,9 +207,9 @@ def compute_logits(
     with ``labels_only`` just the predicted labels (argmax) -> (V, n) int64 (for many noisy queries).
 
     The model runs in channels_last memory format (faster convolutions on the CPU as well); on CUDA
-    the images go to the device once and every batch's views go through one forward pass (no host
-    synchronisation until the end); on the CPU that
-    batch is split into forward passes of ``CPU_FORWARD_IMAGES`` images. ``precision`` (see
+    the images go to the device once, every batch's views are made there and go through forward passes
+    of ``CUDA_FORWARD_IMAGES`` images (no host synchronisation until the end); on the CPU through passes
+    of ``CPU_FORWARD_IMAGES``. ``precision`` (see
     resolve_precision): under "fp32" (the default) no TF32 either (ieee_fp32); under "bf16" the body runs
     in bf16 autocast and, with ``fp32_head``, the classifier head (classifier_head) in fp32, so the
     logits are not rounded to bf16's 8-bit mantissa.
@@ -196,12 +218,14 @@ def compute_logits(
     trace) a RuntimeWarning says so and the pass runs uncompiled. The model is put in eval mode.
     """
     dev = resolve_device(device)
+    # moved outside inference mode: parameters moved inside it become inference tensors, which the
+    # caller's later training or load_state_dict on the same model would refuse
     model = model.to(dev).eval().to(memory_format=torch.channels_last)
     bf16 = resolve_precision(dev, precision) == "bf16"
     head = classifier_head(model) if bf16 and fp32_head else None
     hook = head.register_forward_hook(_head_in_fp32) if head is not None else None
     try:
-        with ieee_fp32(dev, enabled=not bf16):
+        with ieee_fp32(dev, enabled=not bf16), torch.inference_mode():
             if compile:
                 try:
                     return _forward_views(_compiled(model), images, views, dev, batch_size, progress, labels_only,
@@ -243,7 +267,7 @@ def _forward_views(model: torch.nn.Module, images: np.ndarray, views: tuple[View
         batch = torch.cat([apply_view(x, v) for v in views])  # (V*B, C, H, W): one forward for all views
         batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(batch) if cuda else torch.cat([model(b) for b in batch.split(CPU_FORWARD_IMAGES)])
+            out = torch.cat([model(b) for b in batch.split(CUDA_FORWARD_IMAGES if cuda else CPU_FORWARD_IMAGES)])
         out = out.float().reshape(len(views), x.shape[0], -1)
         chunks.append(out.argmax(dim=-1) if labels_only else out)
     if not chunks:

@@ -21,9 +21,20 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int) -> torc
 
     x: (B, C, H, W) on any device; random numbers from ``generator`` (CPU). Returns a new tensor.
     """
+    flip, shifts = draw_augmentation(x.shape[0], generator, pad)
+    return apply_augmentation(x, flip.to(x.device), shifts.to(x.device), pad)
+
+
+def draw_augmentation(b: int, generator: torch.Generator, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """augment_batch's random numbers for a batch of ``b``, on the CPU: (flip (b,) bool, shifts (2, b))."""
+    flip = torch.rand(b, generator=generator) < 0.5
+    shifts = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
+    return flip, shifts
+
+
+def apply_augmentation(x: torch.Tensor, flip: torch.Tensor, shifts: torch.Tensor, pad: int) -> torch.Tensor:
+    """augment_batch with its random numbers given (on x's device): flip (B,) bool, shifts (2, B)."""
     b, c, h, w = x.shape
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-    shifts = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if pad == 0:
         return x
@@ -42,6 +53,32 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[t
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2:] = [torch.cat(batches[-2:])]
     return batches
+
+
+def epoch_plan(n: int, batch_size: int, generator: torch.Generator, augment: bool, pad: int,
+               device: torch.device) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
+    """An epoch's batches and their augmentation draws, on ``device``: [(indices, (flip, shifts) or None)].
+
+    The random numbers are drawn on the CPU in the order the batch-by-batch loop would draw them (the
+    permutation, then each batch's flips and shifts), so results do not depend on the device; they go to
+    the device in one pinned, non-blocking copy per epoch. Copied batch by batch from ordinary host memory,
+    each copy would wait for the device's queue to drain (three waits per training step)."""
+    batches = epoch_batches(n, batch_size, generator)
+    draws = [draw_augmentation(len(b), generator, pad) for b in batches] if augment else None
+    sizes = [len(b) for b in batches]
+    parts = [torch.cat(batches)]
+    if draws is not None:
+        parts += [torch.cat([f for f, _ in draws]).long(), torch.cat([s for _, s in draws], dim=1).reshape(-1)]
+    flat = torch.cat(parts)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    m = sum(sizes)
+    index_parts = flat[:m].split(sizes)
+    if draws is None:
+        return [(idx, None) for idx in index_parts]
+    flips = (flat[m:2 * m] != 0).split(sizes)
+    shifts = flat[2 * m:].reshape(2, m).split(sizes, dim=1)
+    return [(idx, (f, sh)) for idx, f, sh in zip(index_parts, flips, shifts)]
 
 
 def n_batches(n: int, batch_size: int) -> int:
@@ -98,11 +135,10 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
         # running figures stay on the device: one host synchronisation per epoch, not per batch
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
         total_correct = torch.zeros((), dtype=torch.int64, device=device)
-        for batch in epoch_batches(n, recipe.batch_size, generator):
-            batch = batch.to(device)
+        for batch, draw in epoch_plan(n, recipe.batch_size, generator, recipe.augment, recipe.pad, device):
             x, y = x_all[batch], y_all[batch]
-            if recipe.augment:
-                x = augment_batch(x, generator, recipe.pad)
+            if draw is not None:
+                x = apply_augmentation(x, *draw, recipe.pad)
             x = x.contiguous(memory_format=memory_format)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 logits = model(x)
@@ -127,7 +163,7 @@ def build_and_train(build: Callable[[], torch.nn.Module], images: np.ndarray, la
     ``build()`` runs with torch's global RNG seeded by ``seed`` (forked: the caller's RNG is left as it
     was), so the initial weights depend on ``seed`` alone; train_classifier is seeded by the same
     ``seed``. Returns (model, train_classifier's figures); the model ends on the CPU in eval mode."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         model = build()
     stats = train_classifier(model, images, labels, recipe, seed=seed, device=device, desc=desc, progress=progress)

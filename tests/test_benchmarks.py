@@ -305,3 +305,11 @@ def test_precision_benchmark_with_reference_models(bundle_with_two_references, t
     with pytest.raises(SystemExit, match="no reference models"):  # a budget on a bundle without them
         run(PrecisionConfig(bundle=tiny_bundle, victims=("vgg16_fashionmnist",), head_sample=8, budgets=(1,)),
             log=lambda _: None)
+
+
+def test_the_bf16_peak_is_looked_up_by_the_gpus_name():
+    from benchmarks.bench_scoring import bf16_peak_tflops
+
+    assert bf16_peak_tflops("NVIDIA H200") == 989.0 and bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bf16_peak_tflops("NVIDIA H200 NVL") == 835.0 and bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and bf16_peak_tflops("Tesla T4") is None

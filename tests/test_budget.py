@@ -6,6 +6,7 @@ import pytest
 import mia.pipeline
 from mia.bundle import discover
 from mia.config import RunConfig
+from mia.errors import MIAError
 from mia.references import ReferenceRecipe
 from mia.references.budget import TRAIN_FORWARD_RATIO, ReferenceCost, affordable_k, reference_cost
 
@@ -46,3 +47,25 @@ def test_an_accelerated_run_trains_what_the_budget_allows(tiny_bundle, copy_bund
     # two balanced models: every record has IN and OUT models (online or offline, chosen on eval)
     assert data.n_reference_models == 2 and data.rmia_online is not None and len(data.reference_sanity) == 2
     assert (root / "references" / "vgg16_fashionmnist" / "model_001.pth").is_file()
+
+
+def test_an_accelerated_run_whose_reference_training_fails_goes_on_without(tiny_bundle, copy_bundle, tmp_path,
+                                                                          monkeypatch):
+    """A folder holding another recipe's unfinished set (an interrupted fan-out) makes train_references
+    refuse; on CUDA the run says so and scores the victim without references, as a CPU run would."""
+    root = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    monkeypatch.setattr(mia.pipeline, "_trains_references", lambda device: True)
+    monkeypatch.setattr("mia.references.budget.affordable_k", lambda budget, cost, k_max=16: 2)
+
+    def refuse(*args, **kwargs):
+        raise MIAError("references/vgg16_fashionmnist holds models of another recipe")
+
+    monkeypatch.setattr("mia.references.train_references", refuse)
+    lines = []
+    result = mia.pipeline.run(discover(root), RunConfig(victims=("vgg16_fashionmnist",), plots=False,
+                                                       label_noise=(), device="cpu",
+                                                       cache_dir=str(tmp_path / "cache")),
+                              progress=False, log=lines.append)
+    assert any("no reference models trained (references/vgg16_fashionmnist holds models of another recipe)" in x
+               for x in lines)
+    assert result.victims["vgg16_fashionmnist"].n_reference_models == 0

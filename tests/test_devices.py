@@ -23,3 +23,11 @@ def test_unknown_device_is_a_one_line_error():
 def test_cuda_without_cuda_says_so():
     with pytest.raises(MIAError, match="CUDA is not available"):
         resolve_device("cuda:1")
+
+
+def test_a_cuda_index_the_machine_lacks_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(MIAError, match=r"'cuda:2' asked for, but this machine has 2 CUDA device\(s\): cuda:0 to cuda:1"):
+        resolve_device("cuda:2")

@@ -191,6 +191,19 @@ def test_resume_after_interruption_trains_only_missing(bundle, tmp_path, monkeyp
     assert again.trained == (1,)
 
 
+def test_a_time_budget_stops_before_the_model_that_would_pass_it(bundle, tmp_path):
+    """With a budget of 0 s the first model is trained (nothing is known of the cost before it) and no
+    other; a later call without a budget resumes with the rest."""
+    victim = bundle.victims[0]
+    lines = []
+    first = train_references(bundle.root, victim, RECIPE, progress=False, references_root=tmp_path, time_budget=0.0,
+                             log=lines.append)
+    assert first.trained == (0,) and first.complete == (0,)
+    assert any("stopped after 1 reference model(s)" in x and "0 s budget" in x for x in lines)
+    rest = train_references(bundle.root, victim, RECIPE, progress=False, references_root=tmp_path)
+    assert rest.trained == (1, 2, 3)
+
+
 def test_shards_merge_to_the_single_run(bundle, trained, tmp_path):
     victim = bundle.victims[0]
     single_root, single = trained

@@ -114,16 +114,31 @@ def test_precision_auto_is_fp32_on_every_device(monkeypatch):
 def test_ieee_fp32_turns_tf32_off_on_cuda_and_restores_it():
     from mia.scoring import ieee_fp32
 
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    # set through torch's new API, after which reading the legacy allow_tf32 flags raises
+    matmul.fp32_precision, conv.fp32_precision = "none", "tf32"
     try:
         with ieee_fp32(torch.device("cuda")):  # the flags only: settable without a GPU
-            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("none", "tf32")  # restored exactly
         with ieee_fp32(torch.device("cpu")):  # nothing to change on the CPU
-            assert torch.backends.cudnn.allow_tf32
+            assert conv.fp32_precision == "tf32"
+        with ieee_fp32(torch.device("cuda"), enabled=False):  # bf16 autocast: TF32 does not apply
+            assert conv.fp32_precision == "tf32"
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        matmul.fp32_precision, conv.fp32_precision = before
+
+
+def test_scoring_leaves_the_model_trainable():
+    """compute_logits moves the model outside inference mode: its parameters stay normal tensors, so the
+    caller can train it or load weights into it afterwards."""
+    model = _small_convnet()
+    compute_logits(model, np.zeros((4, 3, 8, 8), np.float32), device="cpu")
+    assert not any(p.is_inference() for p in model.parameters())
+    model.train()
+    model(torch.zeros(2, 3, 8, 8)).sum().backward()
+    model.load_state_dict(_small_convnet().state_dict())
 
 
 @pytest.mark.cuda

@@ -12,7 +12,15 @@ import numpy as np
 import torch
 
 from mia.models.registry import repo_builder
-from mia.training import TrainRecipe, augment_batch, epoch_batches, n_batches, train_classifier
+from mia.training import (
+    TrainRecipe,
+    apply_augmentation,
+    augment_batch,
+    epoch_batches,
+    epoch_plan,
+    n_batches,
+    train_classifier,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +55,22 @@ def test_epoch_batches_merge_a_trailing_single_record():
     assert sorted(torch.cat(epoch_batches(129, 64, g)).tolist()) == list(range(129))
     assert [len(b) for b in epoch_batches(1, 64, g)] == [1] and n_batches(1, 64) == 1
     assert n_batches(130, 64) == 3
+
+
+def test_epoch_plan_draws_what_the_batch_by_batch_loop_drew():
+    """The epoch's random numbers drawn up front (one copy to the device per epoch) are the numbers the
+    loop used to draw batch by batch: the same batches, the same augmented images, the generator left in
+    the same state."""
+    x = torch.arange(37 * 1 * 4 * 4, dtype=torch.float32).reshape(37, 1, 4, 4)
+    g_old, g_new = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    old = [(b, augment_batch(x[b], g_old, 2)) for b in epoch_batches(37, 8, g_old)]
+    new = epoch_plan(37, 8, g_new, True, 2, torch.device("cpu"))
+    assert len(old) == len(new)
+    for (b_old, x_old), (b_new, draw) in zip(old, new):
+        assert torch.equal(b_old, b_new) and torch.equal(x_old, apply_augmentation(x[b_new], *draw, 2))
+    assert torch.equal(g_old.get_state(), g_new.get_state())
+    plain = epoch_plan(37, 8, torch.Generator().manual_seed(7), False, 2, torch.device("cpu"))
+    assert [d for _, d in plain] == [None] * len(plain) and [len(b) for b, _ in plain] == [len(b) for b, _ in old]
 
 
 def test_augment_batch_flip_only_keeps_pixels():

@@ -89,6 +89,7 @@ def run_cli(args) -> int:
 
 def _fan_out(args, bundle, recipe: ReferenceRecipe, t0: float) -> int:
     """--devices / --launcher: every missing model as one job, run by the chosen engine, then merged."""
+    from mia.devices import resolve_device
     from mia.errors import MIAError
     from mia.references.launch import (
         merge,
@@ -102,11 +103,14 @@ def _fan_out(args, bundle, recipe: ReferenceRecipe, t0: float) -> int:
         raise MIAError("--devices (workers on this node) and --launcher (a job array) exclude each other")
     if args.merge_only or args.shard != "0/1":
         raise MIAError("--devices / --launcher replace --shard and cannot be combined with --merge-only")
+    devices = None if args.devices is None else parse_devices(args.devices)
+    for device in set(devices or ()):  # before any worker starts: cuda:3 on a two-GPU node fails here
+        resolve_device(device)
     jobs = plan_jobs(bundle, recipe, population=args.population, trust=args.trust_checkpoints,
                      cache_dir=args.cache_dir)
     print(f"{len(jobs)} reference models to train for {len(bundle.victims)} victims")
-    if args.devices is not None:
-        results, failures = run_local(jobs, parse_devices(args.devices))
+    if devices is not None:
+        results, failures = run_local(jobs, devices)
     else:
         options = SlurmOptions(partition=args.slurm_partition, timeout_min=args.timeout_min,
                                array_parallelism=args.array_parallelism)

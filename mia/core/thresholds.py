@@ -77,7 +77,10 @@ class ClassThresholds:
 
 def _to_numpy(x: object) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.dtype.is_floating_point and x.dtype.itemsize < 4:  # bf16 / fp16: numpy has no bf16
+            x = x.double()
+        x = x.numpy()
     return np.asarray(x)
 
 

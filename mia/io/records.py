@@ -327,7 +327,10 @@ def _check_label_range(labels: np.ndarray, num_classes: int, path: Path | None) 
 
 def _to_numpy(values: object) -> np.ndarray:
     if isinstance(values, torch.Tensor):
-        return values.detach().cpu().numpy()
+        values = values.detach().cpu()
+        if values.dtype.is_floating_point and values.dtype.itemsize < 4:  # bf16 / fp16: numpy has no bf16
+            values = values.float()
+        return values.numpy()
     return np.asarray(values)
 
 

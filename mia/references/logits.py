@@ -128,14 +128,14 @@ def penultimate_features(model: torch.nn.Module, images: np.ndarray, views: tupl
     if head is None:
         raise MIAError(f"{type(model).__name__} has no nn.Linear classifier head: no last-layer Laplace attack")
     captured: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda m, inputs, out: captured.append(inputs[0].detach().float().flatten(1).cpu()))
+    hook = head.register_forward_hook(lambda m, inputs, out: captured.append(inputs[0].detach().float().flatten(1)))
     try:
         out = []
         for view in views:  # one view per call: the hook sees the records in order
             captured.clear()
             compute_logits(model, images, (view,), device=device, batch_size=batch_size, labels_only=True,
                            precision="fp32")
-            out.append(torch.cat(captured).numpy())
+            out.append(torch.cat(captured).cpu().numpy())  # one copy per view: no wait per batch
     finally:
         hook.remove()
     return np.stack(out)

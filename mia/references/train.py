@@ -77,6 +77,7 @@ def train_references(
     trust: bool = False,
     log: Callable[[str], None] | None = None,
     cache_dir: str | Path | None = None,
+    time_budget: float | None = None,
 ) -> ReferenceSet:
     """Train the victim's missing reference models of this shard; return the set found on disk.
 
@@ -86,7 +87,10 @@ def train_references(
     checks the folder against the recipe, writes the masks and rebuilds the manifest, as a merge). Architecture, class count and width (unless
     ``recipe.width``) come from the victim's weights; ``trust`` is passed to load_state_dict.
     ``log`` receives one line per trained model. The victim's records are read through the cache under
-    ``cache_root(cache_dir)`` (mia.io.cache). Raises MIAError when the folder holds models of another
+    ``cache_root(cache_dir)`` (mia.io.cache). ``time_budget``: wall seconds this call may spend training;
+    after each model, the next is started only if the mean time per model so far says it will end within
+    the budget (an estimate made before training can be off on a new device; the models already written
+    stay, and a later call resumes). Raises MIAError when the folder holds models of another
     recipe or pool.
     """
     recipe = recipe or ReferenceRecipe()
@@ -121,7 +125,15 @@ def train_references(
     wanted = set(range(recipe.k)) if only is None else set(only)
     todo = [j for j in range(recipe.k) if j % n_shard == i_shard and j not in complete and j in wanted]
     trained = []
+    started = time.perf_counter()
     for j in tqdm(todo, desc=f"{victim.name} references", unit="model", disable=not progress or not todo):
+        if trained and time_budget is not None:
+            spent = time.perf_counter() - started
+            if spent + spent / len(trained) > time_budget:
+                if log is not None:
+                    log(f"{victim.name}: stopped after {len(trained)} reference model(s) in {spent:.0f} s: another "
+                        f"would pass the {time_budget:g} s budget")
+                break
         seed = model_seed(recipe.seed, j)
         inside = masks[j]
         t0 = time.perf_counter()
