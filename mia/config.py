@@ -72,7 +72,7 @@ class RunConfig:
     #   has none (as many models as fit: 1, or an even number); 0 = never. On a CPU the run only says what one
     #   would cost
     reference_models: int | None = None  # use at most this many of a victim's complete reference models (the
-    #   first ones); None = all. Measures an attack at a smaller budget without retraining
+    #   first ones, its distilled ones first); None = all. Measures an attack at a smaller budget without retraining
     reference_views: str = "flip"  # views the references are queried on (those of `views` in this set): each
     #   reference model costs one victim scoring per view, so CPU runs keep image + flip (as LiRA does)
     label_noise: tuple[float, ...] = (0.1, 0.15)  # label-only noisy queries: noise levels in units of the eval

@@ -431,6 +431,27 @@ def _write_bundle(
     return manifest
 
 
+def write_population(bundle: str | Path, n: int, *, seed: int = 0, source: str | Path | None = None) -> Path:
+    """Write ``<bundle>/population/<dataset>.p``: ``n`` Fashion-MNIST records ``[image, label]`` that are no
+    victim's member, eval, test or held-out record (from ``demo_indices.npz``), chosen with ``seed``: the
+    population a user of a real bundle takes from the public dataset its records come from, for
+    ``mia references --population`` (``--distill`` trains on nothing else). Returns the file."""
+    bundle = Path(bundle)
+    manifest = json.loads((bundle / "demo.json").read_text())
+    with np.load(bundle / "demo_indices.npz") as indices:
+        used = np.unique(np.concatenate([indices[name] for name in indices.files]))
+    images, labels = load_fashion_mnist(find_fashion_mnist(source))
+    free = np.setdiff1d(np.arange(len(images)), used)
+    if not 0 < n <= len(free):
+        raise MIAError(f"a population of 1 to {len(free)} records can be drawn outside the demo's splits, not {n}")
+    chosen = np.sort(np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(b"population")]))
+                     .choice(free, size=n, replace=False))
+    path = bundle / "population" / f"{manifest['recipe']['dataset_name']}.p"
+    path.parent.mkdir(exist_ok=True)
+    save_records(path, to_challenge_images(images[chosen]), labels[chosen])
+    return path
+
+
 def _replace_dir(new: Path, out: Path) -> None:
     """Move ``new`` to ``out``, replacing an existing ``out`` (renames on one file system)."""
     if not out.exists():

@@ -103,8 +103,13 @@ class TrainRecipe:
 
 
 def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, recipe: TrainRecipe, *,
-                     seed: int, device: torch.device, desc: str = "training", progress: bool = True) -> dict:
+                     seed: int, device: torch.device, desc: str = "training", progress: bool = True,
+                     teacher: torch.nn.Module | None = None) -> dict:
     """Train ``model`` in place on images (n, C, H, W) float32 and labels (n,) int.
+
+    ``teacher``: distillation. The loss is the cross-entropy to the teacher's softmax on the same augmented
+    batch (its KL divergence up to a constant) instead of to the labels, which then only count the
+    reported accuracy; the teacher runs in eval mode without gradients and is left on ``device``.
 
     channels_last and bf16 autocast on CUDA. On the CPU the default (NCHW) layout: with torch 2.14 the
     multi-threaded CPU backward pass of ResNet34 in channels_last corrupts memory (segfault or "double
@@ -115,6 +120,8 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
     cuda = device.type == "cuda"
     memory_format = torch.channels_last if cuda else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format)
+    if teacher is not None:
+        teacher = teacher.to(device).to(memory_format=memory_format).eval()
     generator = torch.Generator().manual_seed(seed)
     x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
     y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
@@ -142,7 +149,10 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
             x = x.contiguous(memory_format=memory_format)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(x).float().softmax(dim=1)
+            loss = F.cross_entropy(logits.float(), y if teacher is None else target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -157,14 +167,16 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
 
 def build_and_train(build: Callable[[], torch.nn.Module], images: np.ndarray, labels: np.ndarray,
                     recipe: TrainRecipe, *, seed: int, device: torch.device, desc: str = "training",
-                    progress: bool = True) -> tuple[torch.nn.Module, dict]:
+                    progress: bool = True, teacher: torch.nn.Module | None = None) -> tuple[torch.nn.Module, dict]:
     """The one seeded build-and-train of the demo victims and the reference models.
 
     ``build()`` runs with torch's global RNG seeded by ``seed`` (forked: the caller's RNG is left as it
     was), so the initial weights depend on ``seed`` alone; train_classifier is seeded by the same
-    ``seed``. Returns (model, train_classifier's figures); the model ends on the CPU in eval mode."""
+    ``seed``; ``teacher`` is train_classifier's. Returns (model, train_classifier's figures); the model
+    ends on the CPU in eval mode."""
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         model = build()
-    stats = train_classifier(model, images, labels, recipe, seed=seed, device=device, desc=desc, progress=progress)
+    stats = train_classifier(model, images, labels, recipe, seed=seed, device=device, desc=desc, progress=progress,
+                             teacher=teacher)
     return model, stats

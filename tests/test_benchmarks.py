@@ -313,3 +313,13 @@ def test_the_bf16_peak_is_looked_up_by_the_gpus_name():
     assert bf16_peak_tflops("NVIDIA H200") == 989.0 and bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert bf16_peak_tflops("NVIDIA H200 NVL") == 835.0 and bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and bf16_peak_tflops("Tesla T4") is None
+
+
+def test_attack_budgets_count_the_distilled_models_first(tmp_path):
+    from benchmarks.bench_attacks import _training_seconds
+
+    for folder, seconds in (("v", (10.0, 20.0)), ("v-distilled", (100.0,))):
+        (tmp_path / "references" / folder).mkdir(parents=True)
+        for j, s in enumerate(seconds):
+            (tmp_path / "references" / folder / f"model_{j:03d}.json").write_text(json.dumps({"seconds": s}))
+    assert [_training_seconds(tmp_path, "v", k) for k in (1, 2, 3)] == [100.0, 110.0, 130.0]

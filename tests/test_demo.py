@@ -415,3 +415,27 @@ def test_refuses_to_replace_a_directory_that_is_not_a_bundle(tmp_path):
     with pytest.raises(MIAError, match="not a demo bundle"):
         demo.build_demo(demo.DemoConfig.tiny(out), progress=False)
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_population_lies_outside_every_split(tiny_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for name in ("demo.json", "demo_indices.npz"):
+        (bundle / name).write_bytes((tiny_bundle.path / name).read_bytes())
+    path = demo.write_population(bundle, 50, seed=1)
+    assert path == bundle / "population" / "fashionmnist.p"
+    pop = load_records(path, with_membership=False)
+    assert pop.images.shape == (50, 3, 32, 32)
+    images, labels = fashion_mnist.load_fashion_mnist(fashion_mnist.find_fashion_mnist())
+    used = np.unique(np.concatenate(list(np.load(bundle / "demo_indices.npz").values())))
+    # the population's images are Fashion-MNIST's, prepared like the bundle's, and none of a split's
+    keys = {}
+    for start in range(0, len(images), 5000):
+        chunk = fashion_mnist.to_challenge_images(images[start:start + 5000])
+        keys.update({image.tobytes(): start + i for i, image in enumerate(chunk)})
+    found = [keys[image.tobytes()] for image in pop.images]
+    assert not set(found) & set(used.tolist()) and (labels[found] == pop.labels).all()
+    np.testing.assert_array_equal(load_records(demo.write_population(bundle, 50, seed=1), with_membership=False).images,
+                                  pop.images)
+    with pytest.raises(MIAError, match="population of 1 to"):
+        demo.write_population(bundle, 10**6)

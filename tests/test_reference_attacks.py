@@ -11,7 +11,7 @@ import pytest
 
 from mia.bundle import discover
 from mia.models.loading import load_victim_model
-from mia.io.records import load_records
+from mia.io.records import load_records, save_records
 from mia.core.reference_stats import (
     calibrated_aug_count,
     fit_gaussians,
@@ -151,8 +151,21 @@ def test_lira_with_one_reference_model_by_hand():
     # no degrees of freedom within a record: the spread of all four values (population variance 3.25)
     np.testing.assert_allclose(fit.var_out, np.full((1, 4), 3.25))
     assert np.isfinite(lira_online(np.zeros((1, 4)), fit)).all()
-    with pytest.raises(ValueError, match="IN for a reference model while another is OUT"):
+    with pytest.raises(ValueError, match="every record is IN"):
         fit_gaussians(ref, np.ones((1, 4), bool))
+
+
+def test_references_that_trained_on_no_record_fit_offline_gaussians():
+    # distilled references: every record OUT for both models; the IN means are the OUT means (shift 0)
+    ref = np.array([[[1.0, 4.0, 2.0]], [[3.0, 6.0, 2.0]]])  # (K=2, V=1, n=3)
+    fit = fit_gaussians(ref, np.zeros((2, 3), bool), global_variance=True)
+    np.testing.assert_allclose(fit.mu_out, [[2.0, 5.0, 2.0]])
+    np.testing.assert_allclose(fit.mu_in, fit.mu_out)
+    # within-record squared deviations 2 + 2 + 0 over 3 degrees of freedom
+    np.testing.assert_allclose(fit.var_out, np.full((1, 3), 4.0 / 3))
+    np.testing.assert_allclose(lira_online(np.array([[0.0, 9.0, 2.0]]), fit), 0.0)  # carries nothing
+    offline = lira_offline(np.array([[2.0, 5.0, 4.0]]), fit)  # record 2 sits 2 above its OUT mean
+    assert offline[2] > offline[0] == pytest.approx(offline[1])
 
 
 def test_lira_rejects_bad_shapes():
@@ -516,6 +529,52 @@ def test_grouped_rate_llr_by_hand():
     np.testing.assert_allclose(llr, [2 * math.log(5), 2 * math.log(5)], rtol=1e-12)
     with pytest.raises(ValueError, match="groups"):
         grouped_rate_llr(np.array([[3], [3]]), ref, labels, mask, np.array([0.0, 1.0]))
+
+
+def test_distilled_references_feed_the_offline_posterior_attacks_only(bundle, tmp_path):
+    """`mia references --k 1 --distill`: a model that trained on no scored record; no online test (its IN
+    and OUT Gaussians would coincide) and nothing for the label-only task (it learned the posteriors)."""
+    victim = bundle.victims[0]
+    population = tmp_path / "population.p"
+    write_population_like(victim, population, n=24)
+    train_references(bundle.root, victim, ReferenceRecipe(k=1, epochs=1, batch_size=16, device="cpu", distill=True),
+                     population=population, progress=False, references_root=tmp_path / "refs")
+    ev_logits, te_logits, ev_labels, te_labels, names = _victim_logits(bundle)
+    membership = load_records(victim.eval_path, with_membership=True).membership
+    answers = dataclasses.replace(_answers(ev_logits, te_logits, ev_labels, te_labels, names),
+                                  eval_membership=membership)
+    feats = victim_reference_features(bundle.root, victim, answers,
+                                      ReferenceOptions(device="cpu", references_root=tmp_path / "refs"))
+    assert feats.k == 1 and feats.rmia.online is None and len(feats.sanity) == 1
+    assert feats.sanity[0]["records"] == int((membership == 0).sum())  # every eval non-member is held out
+    for split in ("eval", "test"):
+        assert set(feats.posterior[split]) == {"lira_offline", "rmia", "ref_out_lsc", "bmia"}
+        assert feats.label_only[split] == {}
+        assert all(np.isfinite(v).all() and np.ptp(v) > 0 for v in feats.posterior[split].values())
+    # a model trained on half the records beside it (its own folder): both feed the posterior attacks, the
+    # label-only ones see the other model only; the distilled model counts first
+    train_references(bundle.root, victim, ReferenceRecipe(k=1, epochs=1, batch_size=16, device="cpu"),
+                     progress=False, references_root=tmp_path / "refs")
+    assert sorted(p.name for p in (tmp_path / "refs").iterdir()) == [victim.name, f"{victim.name}-distilled"]
+    options = ReferenceOptions(device="cpu", references_root=tmp_path / "refs")
+    both = victim_reference_features(bundle.root, victim, answers, options)
+    alone = victim_reference_features(bundle.root, victim, answers, dataclasses.replace(options, max_models=1))
+    np.testing.assert_array_equal(alone.posterior["test"]["rmia"], feats.posterior["test"]["rmia"])
+    assert both.k == 2 and len(both.sanity) == 2 and {"lira_online", "bmia_online"} <= set(both.posterior["test"])
+    ref_set = load_reference_set(bundle.root, victim, references_root=tmp_path / "refs")
+    mixed_only = np.asarray(ref_set.masks[0, :64])[None]
+    plain = reference_logits(ref_set, (IDENTITY, FLIP), device="cpu")[:, :, :64]
+    expected = label_lira(np.concatenate([ev_logits, te_logits], axis=1).argmax(-1), plain.argmax(-1),
+                          np.concatenate([ev_labels, te_labels]), mixed_only)
+    np.testing.assert_allclose(np.concatenate([both.label_only["eval"]["label_lira"],
+                                               both.label_only["test"]["label_lira"]]), expected)
+
+
+def write_population_like(victim, path, n):
+    """n records [image, label] that look like the victim's test records but are none of them."""
+    te = load_records(victim.test_path, with_membership=False)
+    images = np.clip(te.images[np.arange(n) % len(te)] + 0.05 * np.arange(1, n + 1)[:, None, None, None], -3, 3)
+    save_records(path, images, te.labels[np.arange(n) % len(te)])
 
 
 def test_one_reference_model_end_to_end(bundle, tmp_path):

@@ -15,6 +15,7 @@ from mia.bundle import discover
 from mia.errors import MIAError
 from mia.references import (
     ReferenceRecipe,
+    distill_masks,
     load_pool,
     load_reference_set,
     make_masks,
@@ -89,6 +90,15 @@ def test_optimizer_is_in_the_fingerprint_only_when_not_sgd():
     assert adam.train_recipe().optimizer == "adam"
     with pytest.raises(MIAError, match="optimizer"):
         ReferenceRecipe(optimizer="rmsprop").validate()
+
+
+def test_distillation_is_in_the_fingerprint_only_when_on():
+    assert "distill" not in ReferenceRecipe().to_dict()
+    distilled = ReferenceRecipe(k=3, distill=True)
+    distilled.validate()  # any k: no record is split between models
+    assert distilled.to_dict()["distill"] is True and ReferenceRecipe.from_dict(distilled.to_dict()) == distilled
+    with pytest.raises(MIAError, match="positive"):
+        ReferenceRecipe(k=0, distill=True).validate()
 
 
 def test_parse_shard():
@@ -244,6 +254,45 @@ def _write_population(path, n, with_membership=True):
         records.append([image, i % 10, 0] if with_membership else [image, i % 10])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(records, protocol=4))
+
+
+def test_population_copies_of_scored_records_are_dropped(bundle, tmp_path):
+    victim = bundle.victims[0]
+    _write_population(tmp_path / "pop" / "a.p", n=4, with_membership=False)
+    records = pickle.loads((tmp_path / "pop" / "a.p").read_bytes())
+    test = load_pool(victim).images[40]  # the 9th test record
+    records[1][0] = torch.from_numpy(test.copy())  # a public population holds the scored records too
+    (tmp_path / "pop" / "a.p").write_bytes(pickle.dumps(records, protocol=4))
+    pool = load_pool(victim, tmp_path / "pop", num_classes=10, bundle_root=bundle.root)
+    assert pool.n_population == 3 and pool.labels[64:].tolist() == [0, 2, 3]
+    assert pool.sources[2]["n"] == 3 and pool.sources[2]["dropped_duplicates"] == 1
+    with pytest.raises(MIAError, match="population records"):
+        distill_masks(2, load_pool(victim))
+    masks = distill_masks(2, pool)
+    assert masks.shape == (2, 67) and not masks[:, :64].any() and masks[:, 64:].all()
+
+
+def test_distilled_references_train_on_the_population_only(bundle, tmp_path):
+    victim = bundle.victims[0]
+    _write_population(tmp_path / "pop.p", n=20, with_membership=False)
+    recipe = ReferenceRecipe(k=1, epochs=1, batch_size=16, device="cpu", distill=True)
+    with pytest.raises(MIAError, match="population records"):
+        train_references(bundle.root, victim, recipe, progress=False, references_root=tmp_path / "none")
+    ref_set = train_references(bundle.root, victim, recipe, population=tmp_path / "pop.p", progress=False,
+                               references_root=tmp_path / "refs")
+    assert ref_set.complete == (0,) and ref_set.recipe.distill
+    assert not ref_set.masks[:, :64].any() and ref_set.masks[:, 64:].all()
+    meta = json.loads((ref_set.folder / "model_000.json").read_text())
+    assert (meta["n_in"], meta["n_out"]) == (20, 64)
+    assert ref_set.load_pool().n_population == 20  # the pool is read back as it was trained on
+
+
+def test_cli_distill_needs_a_population(bundle, capsys):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["references", "--bundle", str(bundle.root), "--k", "1", "--distill", "--quiet"])
+    with pytest.raises(MIAError, match="--population"):
+        run_cli(args)
 
 
 def test_pool_with_population_folder(bundle, tmp_path):

@@ -111,3 +111,26 @@ def test_adam_trains_and_differs_from_sgd():
     with pytest.raises(ValueError, match="optimizer"):
         train_classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3)), x, y,
                          TrainRecipe(epochs=1, optimizer="lbfgs"), seed=0, device=torch.device("cpu"), progress=False)
+
+
+class _Constant(torch.nn.Module):
+    """A teacher whose softmax puts 0.9 on class 0 for every image."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 3)
+        logits[:, 0] = np.log(0.9 / 0.05)  # softmax: 0.9, 0.05, 0.05
+        return logits
+
+
+def test_a_student_learns_its_teachers_posteriors_not_the_labels():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(48, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(1, 3, 48)  # labels 1 and 2 only: the teacher never says either
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    stats = train_classifier(model, x, y, TrainRecipe(epochs=30, batch_size=16, lr=0.05, augment=False), seed=0,
+                             device=torch.device("cpu"), progress=False, teacher=_Constant())
+    with torch.no_grad():
+        p = model(torch.from_numpy(x)).softmax(1).numpy()
+    assert (p.argmax(1) == 0).all() and stats["final_train_acc"] == 0.0  # accuracy still counts the labels
+    np.testing.assert_allclose(p.mean(0), [0.9, 0.05, 0.05], atol=0.03)  # soft targets, not one-hot

@@ -120,7 +120,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="on CUDA, a victim without reference models gets as many as this much training allows (at "
                         f"least 1; 0 = never; default {d.reference_budget:g}); on a CPU the run says what 1 would cost")
     p.add_argument("--reference-models", type=int, default=d.reference_models, metavar="K",
-                   help="use at most the first K complete reference models of each victim (default: all); measures "
+                   help="use at most the first K complete reference models of each victim, its distilled ones first "
+                        "(default: all); measures "
                         "the attacks at a smaller budget without retraining")
     p.add_argument("--reference-views", choices=("identity", "flip", "standard"), default=d.reference_views,
                    help="views the reference models are queried on (default flip: the image and its flip; each "
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", type=Path, default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--tiny", action="store_true", help="a seconds-long toy build (tests, smoke checks)")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date bundle exists")
+    p.add_argument("--population", type=int, default=None, metavar="N",
+                   help="also write N Fashion-MNIST records outside every split to <out>/population/ (for "
+                        "`mia references --population`)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     references_cli.add_parser(sub)
@@ -170,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args) -> int:
-    from mia.demo import DemoConfig, build_demo
+    from mia.demo import DemoConfig, build_demo, write_population
 
     overrides = {"seed": args.seed, "device": args.device, "source": args.source}
     if args.epochs is not None:
@@ -185,6 +189,9 @@ def _cmd_demo(args) -> int:
     for v in res.victims:
         print(f"  {v.arch}: width {v.width}, train acc {100 * v.train_acc:.1f}%, held-out acc "
               f"{100 * v.holdout_acc:.1f}%, trained in {v.seconds:.0f}s")
+    if args.population is not None:
+        path = write_population(res.path, args.population, seed=args.seed, source=args.source)
+        print(f"population: {args.population} records in {path}")
     return 0
 
 

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 from mia.cli.options import add_bundle_option, add_cache_dir_option, add_trust_option, add_victims_option
+from mia.errors import MIAError
 from mia.references import ReferenceRecipe, load_reference_set, parse_shard, references_folder, train_references
 from mia.references.launch import SlurmOptions
 from mia.references.train import pct
@@ -21,7 +22,8 @@ def add_parser(subparsers) -> object:
     )
     add_bundle_option(p)
     add_victims_option(p)
-    p.add_argument("--k", type=int, default=defaults.k, help=f"number of reference models: 1, or even (default {defaults.k})")
+    p.add_argument("--k", type=int, default=defaults.k,
+                   help=f"number of reference models: 1, or even (default {defaults.k}); any with --distill")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
@@ -35,6 +37,10 @@ def add_parser(subparsers) -> object:
     p.add_argument("--width", type=int, default=None, help="model width (default: the victim's)")
     p.add_argument("--population", type=Path, default=None,
                    help="folder (or file) of extra .p records [image, label(, membership)] added to the pool")
+    p.add_argument("--distill", action="store_true",
+                   help="train on the population records only (needs --population), towards the victim's posteriors "
+                        "instead of their labels: imitations of the victim for the offline posterior attacks "
+                        "(tasks 1-2); any --k")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="train only models j with j %% N == I (default 0/1)")
     p.add_argument("--merge-only", action="store_true", help="train nothing: rebuild the manifests and report")
     fan = p.add_argument_group("fan-out (one job per model; an interrupted fan-out resumes when run again)")
@@ -65,8 +71,11 @@ def run_cli(args) -> int:
     shard = parse_shard(args.shard)
     recipe = ReferenceRecipe(k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              weight_decay=args.weight_decay, augment=not args.no_augment, pad=args.pad, seed=args.seed,
-                             device=args.device, width=args.width, optimizer=args.optimizer)
+                             device=args.device, width=args.width, optimizer=args.optimizer, distill=args.distill)
     recipe.validate()
+    if recipe.distill and args.population is None:
+        raise MIAError("--distill trains on population records only: give --population a folder of records from "
+                       "the victim's distribution (not its eval or test records)")
     bundle_root = args.bundle if args.bundle is not None else default_bundle(progress=not args.quiet)
     bundle = discover(bundle_root, victims=list(args.victims) if args.victims else None)
     t0 = time.perf_counter()
@@ -74,9 +83,10 @@ def run_cli(args) -> int:
         return _fan_out(args, bundle, recipe, t0)
     for victim in bundle.victims:
         if args.merge_only:
-            ref_set = load_reference_set(bundle.root, victim, arch_dirs=bundle.arch_dirs)
+            ref_set = load_reference_set(bundle.root, victim, arch_dirs=bundle.arch_dirs, distilled=recipe.distill)
             if ref_set is None:
-                print(f"{victim.name}: no reference models under {references_folder(bundle.root, victim)}")
+                print(f"{victim.name}: no reference models under "
+                      f"{references_folder(bundle.root, victim, distilled=recipe.distill)}")
                 continue
         else:
             ref_set = train_references(bundle.root, victim, recipe, population=args.population, shard=shard,
@@ -90,7 +100,6 @@ def run_cli(args) -> int:
 def _fan_out(args, bundle, recipe: ReferenceRecipe, t0: float) -> int:
     """--devices / --launcher: every missing model as one job, run by the chosen engine, then merged."""
     from mia.devices import resolve_device
-    from mia.errors import MIAError
     from mia.references.launch import (
         merge,
         parse_devices,

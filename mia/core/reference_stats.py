@@ -177,7 +177,8 @@ def fit_gaussians(reference: np.ndarray, in_mask: np.ndarray, *, global_variance
     variance of both groups pooled per view (see the module docstring). A record without an IN (OUT)
     model gets its other mean shifted by the average IN - OUT difference: over the records that have both,
     or with one model (no record has both) the mean over IN records minus the mean over OUT records.
-    ValueError when the records are all IN or all OUT.
+    With every record OUT for every model (references that trained on none of them) the shift is 0: the
+    IN means equal the OUT means, only the offline test says anything. ValueError when every record is IN.
     shared_shift: every model informs both means of a record, IN models through that average shift:
     mu_out = the mean over the record's models of (statistic - shift if IN), mu_in = mu_out + shift (the
     maximum-likelihood means when membership moves every record's statistic by the same amount). With
@@ -199,8 +200,10 @@ def fit_gaussians(reference: np.ndarray, in_mask: np.ndarray, *, global_variance
     elif (n_in > 0).any() and (n_out > 0).any():  # one model (K = 1): records are IN or OUT at random, so the
         # mean over the IN records minus the mean over the OUT records estimates the same average shift
         shift = (mu_in[:, n_in > 0].mean(axis=1) - mu_out[:, n_out > 0].mean(axis=1))[:, None]
+    elif not (n_in > 0).any():  # every record OUT for every model (distilled references): offline only
+        shift = np.zeros((reference.shape[1], 1))
     else:
-        raise ValueError("no record is IN for a reference model while another is OUT; train more reference models")
+        raise ValueError("every record is IN for every reference model: there is nothing to compare them with")
     within = _pooled(np.concatenate([ss_in, ss_out], axis=1), np.concatenate([n_in, n_out]))[:, None]  # (V, 1)
     if use_shared:
         # a group without models adds 0: its count is 0 and its NaN mean becomes 0

@@ -41,7 +41,7 @@ shard or which run trained it (bitwise, for one torch version and thread count: 
 reductions differ with the number of threads). On CUDA training runs in bf16 autocast (not bitwise reproducible).
 """
 from mia.references.logits import reference_logits, views_from_names
-from mia.references.pool import Pool, load_pool, make_masks
+from mia.references.pool import Pool, distill_masks, load_pool, make_masks
 from mia.references.recipe import ReferenceRecipe
 from mia.references.store import REFERENCES_FORMAT, ReferenceSet, default_arch_dirs, load_reference_set, references_folder
 from mia.references.train import parse_shard, train_references
@@ -52,6 +52,7 @@ __all__ = [
     "ReferenceRecipe",
     "ReferenceSet",
     "default_arch_dirs",
+    "distill_masks",
     "load_pool",
     "load_reference_set",
     "make_masks",

@@ -28,13 +28,12 @@ __all__ = ["ReferenceFeatures", "ReferenceOptions", "VictimAnswers", "victim_ref
 # From a bundle
 
 
-def _usable_set(bundle_root, victim: Victim, n_eval: int, n_test: int, min_models: int,
-                references_root, max_models: int | None = None) -> ReferenceSet | None:
-    ref_set = load_reference_set(bundle_root, victim, references_root=references_root, rebuild_manifest=False)
-    if ref_set is None or len(ref_set.complete) < min_models:
+def _usable_set(bundle_root, victim: Victim, n_eval: int, n_test: int, references_root,
+                distilled: bool) -> ReferenceSet | None:
+    ref_set = load_reference_set(bundle_root, victim, references_root=references_root, rebuild_manifest=False,
+                                 distilled=distilled)
+    if ref_set is None or not ref_set.complete:
         return None
-    if max_models is not None and len(ref_set.complete) > max_models:
-        ref_set = dataclasses.replace(ref_set, complete=ref_set.complete[:max_models])
     if (ref_set.n_eval, ref_set.n_test) != (n_eval, n_test):
         raise MIAError(f"{ref_set.folder}: references were trained on {ref_set.n_eval} eval + {ref_set.n_test} test "
                        f"records, the victim has {n_eval} + {n_test}; retrain them (delete the folder)")
@@ -51,25 +50,49 @@ def _split(values: dict[str, np.ndarray], n_eval: int) -> dict[str, dict[str, np
             "test": {k: v[n_eval:].copy() for k, v in values.items()}}
 
 
+@dataclass
+class _Loaded:
+    """A victim's reference models as used: the distilled set's first, then the other set's."""
+
+    models: list[tuple[ReferenceSet, int]]  # (set, model index j) of each model, in order
+    logits: np.ndarray  # (K, V, n, C) on the victim's eval + test records
+    masks: np.ndarray  # (K, n) bool
+    distilled: np.ndarray  # (K,) bool: the model imitates the victim's posteriors (no label-only use)
+    noisy: np.ndarray | None  # (K_label, Q, n) predicted labels of the models that are not distilled, or None
+
+
 def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view_names: list[str], *, min_models: int,
                      references_root, device: str, batch_size: int, progress: bool,
                      noise_view_names: list[str] | None = None, cache: bool = True,
-                     cache_dir: str | Path | None = None, max_models: int | None = None, precision: str = "auto"):
-    """(reference set, reference logits (K, V, n, C) on the victim's eval + test records, in_mask (K, n),
-    the references' predicted labels (K, Q, n) under the noisy queries ``noise_view_names`` or None), or
-    None when the victim has no usable reference set. Reads (or computes) each model's logits once."""
-    ref_set = _usable_set(bundle_root, victim, n_eval, n_test, min_models, references_root, max_models)
-    if ref_set is None:
-        return None
+                     cache_dir: str | Path | None = None, max_models: int | None = None,
+                     precision: str = "auto") -> _Loaded | None:
+    """The victim's reference models (its distilled set's, then its other set's, at most ``max_models`` in
+    all) with their logits on the eval + test records under ``view_names`` and, for the models that are not
+    distilled, their predicted labels under the noisy queries ``noise_view_names``; None with fewer than
+    ``min_models``. Reads (or computes) each model's logits once."""
     n = n_eval + n_test
-    ref_logits = reference_logits(ref_set, views_from_names(view_names), device=device, batch_size=batch_size,
-                                  progress=progress, cache=cache, cache_dir=cache_dir, precision=precision)[:, :, :n]
-    if noise_view_names is None:
-        return ref_set, ref_logits, ref_set.complete_masks()[:, :n], None
-    ref_noisy = reference_logits(ref_set, views_from_names(noise_view_names), device=device, batch_size=batch_size,
-                                 progress=progress, labels_only=True, cache=cache, cache_dir=cache_dir,
-                                 precision=precision)[:, :, :n]
-    return ref_set, ref_logits, ref_set.complete_masks()[:, :n], ref_noisy
+    sets = [s for s in (_usable_set(bundle_root, victim, n_eval, n_test, references_root, distilled)
+                        for distilled in (True, False)) if s is not None]
+    models = [(ref_set, j) for ref_set in sets for j in ref_set.complete][:max_models]
+    if not models or len(models) < min_models:
+        return None
+    logits, masks, noisy = [], [], []
+    for ref_set in sets:
+        used = [j for s, j in models if s is ref_set]
+        if not used:
+            continue
+        subset = dataclasses.replace(ref_set, complete=tuple(used))
+        logits.append(reference_logits(subset, views_from_names(view_names), device=device, batch_size=batch_size,
+                                       progress=progress, cache=cache, cache_dir=cache_dir,
+                                       precision=precision)[:, :, :n])
+        masks.append(subset.complete_masks()[:, :n])
+        if noise_view_names is not None and not ref_set.recipe.distill:
+            noisy.append(reference_logits(subset, views_from_names(noise_view_names), device=device,
+                                          batch_size=batch_size, progress=progress, labels_only=True, cache=cache,
+                                          cache_dir=cache_dir, precision=precision)[:, :, :n])
+    distilled = np.array([ref_set.recipe.distill for ref_set, _ in models], dtype=bool)
+    return _Loaded(models, np.concatenate(logits), np.concatenate(masks), distilled,
+                   np.concatenate(noisy) if noisy else None)
 
 
 #: RMIA's offline parameter a is chosen from these by eval AUC when ReferenceOptions.rmia_a is "auto".
@@ -152,19 +175,21 @@ def _posterior_values(target: np.ndarray, ref_logits: np.ndarray, masks: np.ndar
             "rmia": rmia, "ref_out_lsc": fit.mu_out.mean(axis=0)}, setting
 
 
-def _laplace_values(ref_set: ReferenceSet, views: tuple, target: np.ndarray, labels: np.ndarray, masks: np.ndarray,
-                    eval_membership: np.ndarray | None, o: ReferenceOptions) -> tuple[dict[str, np.ndarray], float]:
+def _laplace_values(models: list[tuple[ReferenceSet, int]], views: tuple, target: np.ndarray, labels: np.ndarray,
+                    masks: np.ndarray, eval_membership: np.ndarray | None,
+                    o: ReferenceOptions) -> tuple[dict[str, np.ndarray], float]:
     """({'bmia', 'bmia_online'}, the prior scale used): LiRA's offline and online tests of the victim's
     logit-scaled confidence (target logits (V, n, C)) against Gaussians whose means and per-record variances
     come from each reference model's last-layer Laplace posterior (mia.core.laplace), fitted on the pool
-    records it trained on (identity view). The prior scale is the one of PRIOR_SCALES whose offline scores
-    rank the eval records best by AUC (the first of them without the eval membership)."""
+    records it trained on (identity view). ``models``: (reference set, model index) of each model, the rows
+    of ``masks``. The prior scale is the one of PRIOR_SCALES whose offline scores rank the eval records best
+    by AUC (the first of them without the eval membership)."""
     n = len(labels)
     first = views.index(IDENTITY) if IDENTITY in views else 0
     scales = PRIOR_SCALES if eval_membership is not None else PRIOR_SCALES[:1]
-    means = np.empty((len(scales), len(ref_set.complete), len(views), n))
+    means = np.empty((len(scales), len(models), len(views), n))
     variances = np.empty_like(means)
-    for k, j in enumerate(ref_set.complete):
+    for k, (ref_set, j) in enumerate(models):
         feats, weight, bias = reference_features(ref_set, j, views, device=o.device, batch_size=o.batch_size,
                                                  cache=o.cache, cache_dir=o.cache_dir)
         trained = feats[first][ref_set.masks[j]]
@@ -182,6 +207,11 @@ def _laplace_values(ref_set: ReferenceSet, views: tuple, target: np.ndarray, lab
             best = (value, scale, offline, lira_online(target_phi, fit))
     assert best is not None
     return {"bmia": best[2], "bmia_online": best[3]}, best[1]
+
+
+#: The posterior features that compare a record's IN and OUT models: dropped where no record has an IN model
+#: (distilled references), since their IN Gaussians are then the OUT ones and their scores constant.
+ONLINE_FEATURES = ("lira_online", "bmia_online")
 
 
 #: A reference model whose accuracy differs from the victim's by more than this (on the same held-out
@@ -288,7 +318,12 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
     under the record's IN models than its OUT models), 'noise_rate_lr' (``grouped_rate_llr``: the same
     question asked of the correct-answer rate per noise level, binomial; works with one model) and
     'calibrated_noise_correct' (the victim's
-    fraction of correct noisy answers minus the mean fraction of the record's OUT models)."""
+    fraction of correct noisy answers minus the mean fraction of the record's OUT models).
+
+    The victim's distilled reference models (``ReferenceRecipe.distill``, in their own folder) come first,
+    then its other ones (``options.max_models`` counts both). The distilled ones trained on none of the
+    records: with no other models only the offline posterior features are computed, and the label-only
+    features never use them (they learned the victim's posteriors, which a label-only attack may not see)."""
     eval_labels, test_labels = np.asarray(answers.eval_labels), np.asarray(answers.test_labels)
     view_names, noise_view_names = list(answers.view_names), answers.noise_view_names
     noise_predicted = (None if answers.eval_noise_labels is None and answers.test_noise_labels is None
@@ -310,27 +345,32 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
                               cache_dir=o.cache_dir, max_models=o.max_models, precision=o.precision)
     if loaded is None:
         return None
-    ref_set, ref_logits, masks, ref_noisy = loaded
+    ref_logits, masks, ref_noisy = loaded.logits, loaded.masks, loaded.noisy
+    by_labels = ~loaded.distilled  # the models a label-only attack may use
     labels = np.concatenate([eval_labels, test_labels])
     target = _victim_logits(answers.eval_logits, answers.test_logits, len(view_names), n_eval + n_test)
     eval_membership = None if answers.eval_membership is None else np.asarray(answers.eval_membership)
     rmia_a = o.rmia_a if o.rmia_a != "auto" or eval_membership is not None else 0.3
     posterior, rmia = _posterior_values(target, ref_logits, masks, labels, rmia_a=rmia_a,
                                           global_variance=o.global_variance, eval_membership=eval_membership)
-    label_only = _label_only_values(target.argmax(axis=-1), ref_logits, masks, labels)
+    label_only = (_label_only_values(target.argmax(axis=-1), ref_logits[by_labels], masks[by_labels], labels)
+                  if by_labels.any() else {})
     sanity = ([] if eval_membership is None else
               reference_sanity(target[0].argmax(-1), ref_logits[:, 0].argmax(-1), masks, labels, eval_membership))
     laplace_prior = None
     if o.laplace:
-        laplace, laplace_prior = _laplace_values(ref_set, views_from_names(view_names), target, labels, masks,
+        laplace, laplace_prior = _laplace_values(loaded.models, views_from_names(view_names), target, labels, masks,
                                                  eval_membership, o)
         posterior.update(laplace)
-    if noise_view_names is not None:
-        label_only["noise_lira"] = label_lira(victim_noisy, ref_noisy, labels, masks)
+    if not masks.any():  # no record IN for any model (distilled ones): the online tests' Gaussians coincide
+        posterior = {k: v for k, v in posterior.items() if k not in ONLINE_FEATURES}
+    if noise_view_names is not None and ref_noisy is not None:
+        label_masks = masks[by_labels]
+        label_only["noise_lira"] = label_lira(victim_noisy, ref_noisy, labels, label_masks)
         keys = [(v.flip, v.noise) for v in views_from_names(noise_view_names)]  # exchangeable: same view and level
         groups = np.array([sorted(set(keys)).index(key) for key in keys])
-        label_only["noise_rate_lr"] = grouped_rate_llr(victim_noisy, ref_noisy, labels, masks, groups)
-        label_only["calibrated_noise_correct"] = (calibrated_aug_count(victim_noisy, ref_noisy, labels, masks)
+        label_only["noise_rate_lr"] = grouped_rate_llr(victim_noisy, ref_noisy, labels, label_masks, groups)
+        label_only["calibrated_noise_correct"] = (calibrated_aug_count(victim_noisy, ref_noisy, labels, label_masks)
                                                   / len(noise_view_names))
     return ReferenceFeatures(k=ref_logits.shape[0], posterior=_split(posterior, n_eval),
                              label_only=_split(label_only, n_eval), rmia=rmia, sanity=sanity,

@@ -1,6 +1,7 @@
 """The pool of known-label records reference models train on, and the IN/OUT masks (LiRA's design)."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,14 +71,34 @@ def relative_path(path: Path, root: Path | None) -> str:
     return str(path)
 
 
+def _image_key(image: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(image, dtype=np.float32).tobytes(), digest_size=16).digest()
+
+
+def without_scored_copies(scored: list[Records], population: list[Records]) -> list[tuple[Records, int]]:
+    """Each population file's records without those whose image equals a scored (eval or test) record's, bit
+    for bit, and how many were dropped: a public population holds the scored records themselves, which
+    must stay OUT for the reference models."""
+    seen = {_image_key(image) for recs in scored for image in recs.images}
+    out = []
+    for recs in population:
+        keep = np.array([_image_key(image) not in seen for image in recs.images], dtype=bool)
+        if not keep.all():
+            recs = Records(recs.images[keep], recs.labels[keep], None, recs.path)
+        out.append((recs, int((~keep).sum())))
+    return out
+
+
 def load_pool(victim: Victim, population: str | Path | None = None, *, num_classes: int | None = None,
               bundle_root: str | Path | None = None, cache_dir: str | Path | None = None) -> Pool:
     """Load the pool of ``victim``: its eval records, its test records, then population records.
 
     population: a ``.p`` file or a folder of them (sorted by name), records ``[image, label]`` or
     ``[image, label, membership]``. Raises DataError for a bad file and MIAError when image shapes
-    differ between the files. ``bundle_root``: paths are recorded relative to it. ``cache_dir``: the cache
-    root the eval and test records are read through (mia.io.cache; None: no cache).
+    differ between the files. Population records whose image equals an eval or test image (bit for bit)
+    are dropped, and counted in their source's ``dropped_duplicates``. ``bundle_root``: paths are recorded
+    relative to it. ``cache_dir``: the cache root the eval and test records are read through (mia.io.cache;
+    None: no cache).
     """
     parts: list[tuple[str, Records]] = [
         ("eval", load_records(victim.eval_path, with_membership=True, num_classes=num_classes, cache_dir=cache_dir)),
@@ -91,6 +112,11 @@ def load_pool(victim: Victim, population: str | Path | None = None, *, num_class
             raise MIAError(f"{recs.path}: {role} images are {recs.images.shape[1:]}, eval images are {shape}")
     sources = [{"role": role, "path": relative_path(recs.path, bundle_root), "sha256": file_digest(recs.path), "n": len(recs)}
                for role, recs in parts]
+    kept = without_scored_copies([recs for _, recs in parts[:2]], [recs for _, recs in parts[2:]])
+    for i, (recs, dropped) in enumerate(kept, start=2):
+        parts[i] = ("population", recs)
+        if dropped:
+            sources[i].update(n=len(recs), dropped_duplicates=dropped)
     return Pool(
         images=np.concatenate([r.images for _, r in parts]),
         labels=np.concatenate([r.labels for _, r in parts]),
@@ -119,6 +145,18 @@ def make_masks(k: int, n: int, seed: int) -> np.ndarray:
     masks = np.zeros((n, k), dtype=bool)
     masks[np.arange(n)[:, None], order[:, : k // 2]] = True
     return np.ascontiguousarray(masks.T)
+
+
+def distill_masks(k: int, pool: Pool) -> np.ndarray:
+    """(k, n) bool for distilled reference models: every model trains on every population record and on no
+    eval or test record, so each of those is OUT for all of them (the attacks are offline)."""
+    if pool.n_population == 0:
+        raise MIAError("distilled reference models train on population records only, and the pool has none: "
+                       "give --population a folder of records from the victim's distribution that are not its "
+                       "eval or test records (e.g. the public dataset it was drawn from)")
+    masks = np.zeros((k, pool.n), dtype=bool)
+    masks[:, pool.n_eval + pool.n_test:] = True
+    return masks
 
 
 def model_seed(seed: int, j: int) -> int:

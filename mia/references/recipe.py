@@ -17,7 +17,8 @@ OPTIMIZERS = ("sgd", "adam")
 class ReferenceRecipe:
     """How reference models are trained. Every field but ``device`` is part of the fingerprint."""
 
-    k: int = 8  # number of reference models: 1, or even with each record IN for exactly k/2 of them
+    k: int = 8  # number of reference models: 1, or even with each record IN for exactly k/2 of them (any k
+    #   when distilled)
     epochs: int = 15  # training epochs per model
     batch_size: int = 128  # minibatch size
     lr: float = 0.05  # peak learning rate; cosine decay to 0 per step over all epochs
@@ -29,10 +30,17 @@ class ReferenceRecipe:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"; not fingerprinted
     width: int | None = None  # model width; None: the victim's width (read from its weights)
     optimizer: str = "sgd"  # "sgd" or "adam" (match the victim's training; lr 1e-3 to 2e-3 is usual for Adam)
+    distill: bool = False  # train on the population records only, towards the victim's posteriors (soft labels)
+    #   instead of their labels: every eval and test record is OUT for every model (offline attacks), and the
+    #   models imitate the victim's function rather than its recipe. Needs population records; its
+    #   references serve the posterior tasks only (they saw the victim's posteriors)
 
     def validate(self) -> None:
         """Raise MIAError on a recipe that cannot be trained."""
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or (self.k != 1 and (self.k < 2 or self.k % 2)):
+        if self.distill and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise MIAError(f"k must be a positive integer, got {self.k!r}")
+        if not self.distill and (isinstance(self.k, bool) or not isinstance(self.k, int)
+                                 or (self.k != 1 and (self.k < 2 or self.k % 2))):
             raise MIAError(f"k must be 1 or an even number >= 2 (each record is IN for exactly k/2 models), "
                            f"got {self.k!r}")
         if self.epochs < 1 or self.batch_size < 2:
@@ -47,11 +55,13 @@ class ReferenceRecipe:
             raise MIAError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     def to_dict(self) -> dict:
-        """The fields (the fingerprint's recipe); ``optimizer`` only when not "sgd", so that reference sets
-        trained before it existed keep their fingerprint."""
+        """The fields (the fingerprint's recipe); ``optimizer`` only when not "sgd" and ``distill`` only when
+        true, so that reference sets trained before they existed keep their fingerprint."""
         data = dataclasses.asdict(self)
         if data["optimizer"] == "sgd":
             del data["optimizer"]
+        if not data["distill"]:
+            del data["distill"]
         return data
 
     def train_recipe(self) -> TrainRecipe:

@@ -18,7 +18,12 @@ from mia.io.records import load_records
 from mia.models.discovery import Architecture, discover_architecture
 from mia.models.loading import load_into
 from mia.models.registry import REPO_ARCH_DIR
-from mia.references.pool import Pool, load_population_file, relative_path
+from mia.references.pool import (
+    Pool,
+    load_population_file,
+    relative_path,
+    without_scored_copies,
+)
 from mia.references.recipe import ReferenceRecipe
 
 REFERENCES_FORMAT = 1  # bump when a change makes existing reference folders incompatible
@@ -28,10 +33,16 @@ REFERENCES_FORMAT = 1  # bump when a change makes existing reference folders inc
 # Folder, manifest, reference set
 
 
-def references_folder(bundle_root: str | Path, victim: Victim, references_root: str | Path | None = None) -> Path:
-    """``<references_root or <bundle>/references>/<victim.name>``."""
+#: Appended to the victim's folder name for its distilled reference models (ReferenceRecipe.distill), which
+#: live beside the others: a run uses both sets.
+DISTILLED_SUFFIX = "-distilled"
+
+
+def references_folder(bundle_root: str | Path, victim: Victim, references_root: str | Path | None = None, *,
+                      distilled: bool = False) -> Path:
+    """``<references_root or <bundle>/references>/<victim.name>`` (+ DISTILLED_SUFFIX for ``distilled``)."""
     root = Path(references_root) if references_root is not None else Path(bundle_root) / "references"
-    return root / victim.name
+    return root / (victim.name + (DISTILLED_SUFFIX if distilled else ""))
 
 
 def default_arch_dirs(bundle_root: str | Path) -> list[Path]:
@@ -269,6 +280,10 @@ class ReferenceSet:
                 recs = load_records(path, with_membership=s["role"] == "eval", num_classes=self.manifest["num_classes"],
                                     cache_dir=cache_dir)
             parts.append(recs)
+        parts[2:] = [recs for recs, _ in without_scored_copies(parts[:2], parts[2:])]
+        if [len(r) for r in parts] != [s["n"] for s in sources]:
+            raise MIAError(f"{self.folder}: the pool files hold {[len(r) for r in parts]} records, the reference "
+                           f"models were trained on {[s['n'] for s in sources]}; retrain them (delete the folder)")
         self._pool = Pool(images=np.concatenate([r.images for r in parts]),
                           labels=np.concatenate([r.labels for r in parts]), n_eval=self.n_eval, n_test=self.n_test,
                           sources=sources)
@@ -284,13 +299,15 @@ class ReferenceSet:
 
 
 def load_reference_set(bundle_root: str | Path, victim: Victim, *, references_root: str | Path | None = None,
-                       arch_dirs: list[Path] | None = None, rebuild_manifest: bool = True) -> ReferenceSet | None:
-    """The victim's reference set as found on disk, or None when there is none.
+                       arch_dirs: list[Path] | None = None, rebuild_manifest: bool = True,
+                       distilled: bool = False) -> ReferenceSet | None:
+    """The victim's reference set as found on disk (its distilled one with ``distilled``), or None when there
+    is none.
 
     Merges shards: the complete models are those on disk, whoever trained them, and manifest.json
     is rewritten from them (``rebuild_manifest``). Models of another recipe are ignored here.
     """
-    folder = references_folder(bundle_root, victim, references_root)
+    folder = references_folder(bundle_root, victim, references_root, distilled=distilled)
     header = _read_json(folder / "manifest.json")
     if header is None or header.get("format") != REFERENCES_FORMAT or not (folder / "masks.npy").is_file():
         return None

@@ -16,7 +16,8 @@ from mia.io.atomic import atomic_save_npy
 from mia.io.cache import cache_root
 from mia.io.checkpoints import load_state_dict, save_checkpoint
 from mia.models.discovery import Architecture, discover_architecture
-from mia.references.pool import load_pool, make_masks, model_seed
+from mia.models.loading import load_into
+from mia.references.pool import distill_masks, load_pool, make_masks, model_seed
 from mia.references.recipe import ReferenceRecipe
 from mia.references.store import (
     REFERENCES_FORMAT,
@@ -40,11 +41,12 @@ from mia.training import build_and_train
 
 def _fit_model(architecture: Architecture, width: int | None, images: np.ndarray,
                labels: np.ndarray, recipe: ReferenceRecipe, seed: int, device: torch.device,
-               desc: str, progress: bool) -> torch.nn.Module:
+               desc: str, progress: bool, teacher: torch.nn.Module | None = None) -> torch.nn.Module:
     """A model initialised from ``seed`` and trained on images (n, C, H, W) / labels (n,) with
-    mia.training.train_classifier (the demo victims' loop); returned on the CPU in eval mode."""
+    mia.training.train_classifier (the demo victims' loop; distilled from ``teacher`` when given); returned on
+    the CPU in eval mode."""
     model, _ = build_and_train(lambda: architecture.build(width), images, labels, recipe.train_recipe(), seed=seed,
-                               device=device, desc=desc, progress=progress)
+                               device=device, desc=desc, progress=progress, teacher=teacher)
     return model.cpu().float().eval()
 
 
@@ -90,8 +92,11 @@ def train_references(
     ``cache_root(cache_dir)`` (mia.io.cache). ``time_budget``: wall seconds this call may spend training;
     after each model, the next is started only if the mean time per model so far says it will end within
     the budget (an estimate made before training can be off on a new device; the models already written
-    stay, and a later call resumes). Raises MIAError when the folder holds models of another
-    recipe or pool.
+    stay, and a later call resumes). ``recipe.distill``: every model trains on all the population records
+    (none of eval or test) towards the victim's posteriors (mia.training.train_classifier's teacher), in
+    the victim's folder + DISTILLED_SUFFIX (beside the other reference models; a run uses both).
+    Raises MIAError when the folder holds models of another recipe or pool, or a distilled recipe has no
+    population records.
     """
     recipe = recipe or ReferenceRecipe()
     recipe.validate()
@@ -102,6 +107,7 @@ def train_references(
     arch_dirs = list(arch_dirs or default_arch_dirs(bundle_root))
     state_dict, _ = load_state_dict(victim.checkpoint, trust=trust)
     architecture = discover_architecture(victim.arch, state_dict, arch_dirs, what=str(victim.checkpoint))
+    teacher = load_into(architecture, state_dict, victim.checkpoint) if recipe.distill else None
     del state_dict
     num_classes = architecture.num_classes
     if recipe.width and not architecture.builder.takes_width:
@@ -110,10 +116,10 @@ def train_references(
     width = recipe.width or architecture.width
     pool = load_pool(victim, population, num_classes=num_classes, bundle_root=bundle_root,
                      cache_dir=cache_root(cache_dir))
-    masks = make_masks(recipe.k, pool.n, recipe.seed)
+    masks = distill_masks(recipe.k, pool) if recipe.distill else make_masks(recipe.k, pool.n, recipe.seed)
     header = make_header(victim, recipe, pool, num_classes, width, architecture, bundle_root)
 
-    folder = references_folder(bundle_root, victim, references_root)
+    folder = references_folder(bundle_root, victim, references_root, distilled=recipe.distill)
     folder.mkdir(parents=True, exist_ok=True)
     check_compatible(folder, header, masks)
     if not (folder / "masks.npy").is_file():
@@ -138,7 +144,7 @@ def train_references(
         inside = masks[j]
         t0 = time.perf_counter()
         model = _fit_model(architecture, width, pool.images[inside], pool.labels[inside],
-                           recipe, seed, device, f"model {j:03d}", progress)
+                           recipe, seed, device, f"model {j:03d}", progress, teacher)
         seconds = time.perf_counter() - t0
         in_acc = _accuracy(model, pool.images[inside], pool.labels[inside], device)
         out_acc = _accuracy(model, pool.images[~inside], pool.labels[~inside], device)
@@ -164,7 +170,8 @@ def train_references(
         if log is not None:
             log(f"{victim.name} model {j:03d}: OUT accuracy {pct(out_acc)}, IN accuracy {pct(in_acc)}, "
                 f"{seconds:.1f}s on {device}")
-    ref_set = load_reference_set(bundle_root, victim, references_root=references_root, arch_dirs=arch_dirs)
+    ref_set = load_reference_set(bundle_root, victim, references_root=references_root, arch_dirs=arch_dirs,
+                                 distilled=recipe.distill)
     assert ref_set is not None
     ref_set.trained = tuple(trained)
     return ref_set
