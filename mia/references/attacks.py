@@ -357,6 +357,8 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
                   if by_labels.any() else {})
     sanity = ([] if eval_membership is None else
               reference_sanity(target[0].argmax(-1), ref_logits[:, 0].argmax(-1), masks, labels, eval_membership))
+    for row in sanity:
+        row["distilled"] = bool(loaded.distilled[row["model"]])
     laplace_prior = None
     if o.laplace:
         laplace, laplace_prior = _laplace_values(loaded.models, views_from_names(view_names), target, labels, masks,
