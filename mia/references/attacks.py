@@ -322,7 +322,7 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
 
     The victim's distilled reference models (``ReferenceRecipe.distill``, in their own folder) come first,
     then its other ones (``options.max_models`` counts both). The distilled ones trained on none of the
-    records: with no other models only the offline posterior features are computed, and the label-only
+    records: with no other models only the offline posterior features are returned, and the label-only
     features never use them (they learned the victim's posteriors, which a label-only attack may not see)."""
     eval_labels, test_labels = np.asarray(answers.eval_labels), np.asarray(answers.test_labels)
     view_names, noise_view_names = list(answers.view_names), answers.noise_view_names

@@ -79,6 +79,8 @@ def without_scored_copies(scored: list[Records], population: list[Records]) -> l
     """Each population file's records without those whose image equals a scored (eval or test) record's, bit
     for bit, and how many were dropped: a public population holds the scored records themselves, which
     must stay OUT for the reference models."""
+    if not population:  # no images to hash
+        return []
     seen = {_image_key(image) for recs in scored for image in recs.images}
     out = []
     for recs in population:

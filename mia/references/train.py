@@ -107,8 +107,6 @@ def train_references(
     arch_dirs = list(arch_dirs or default_arch_dirs(bundle_root))
     state_dict, _ = load_state_dict(victim.checkpoint, trust=trust)
     architecture = discover_architecture(victim.arch, state_dict, arch_dirs, what=str(victim.checkpoint))
-    teacher = load_into(architecture, state_dict, victim.checkpoint) if recipe.distill else None
-    del state_dict
     num_classes = architecture.num_classes
     if recipe.width and not architecture.builder.takes_width:
         raise MIAError(f"{victim.name}: a reference width was asked for, but {architecture.builder.label} "
@@ -130,6 +128,9 @@ def train_references(
     device = resolve_device(recipe.device)
     wanted = set(range(recipe.k)) if only is None else set(only)
     todo = [j for j in range(recipe.k) if j % n_shard == i_shard and j not in complete and j in wanted]
+    # the victim itself only where a distilled model is trained (a merge, only=(), builds nothing)
+    teacher = load_into(architecture, state_dict, victim.checkpoint) if recipe.distill and todo else None
+    del state_dict
     trained = []
     started = time.perf_counter()
     for j in tqdm(todo, desc=f"{victim.name} references", unit="model", disable=not progress or not todo):
