@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks import BenchResult, markdown_table
 from mia.config import RunConfig
 from mia.pipeline import run as run_pipeline
-from mia.references.store import DISTILLED_SUFFIX
+from mia.references.store import SET_ORDER
 from mia.report import REFERENCE_ATTACKS
 
 METRICS = ("accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_01pct_fpr")
@@ -37,10 +37,10 @@ class AttacksConfig:
 
 
 def _training_seconds(bundle: Path, victim: str, k: int) -> float:
-    """Seconds the victim's first k complete reference models took to train (their model_*.json), its
-    distilled ones first (as a run takes them)."""
+    """Seconds the victim's first k complete reference models took to train (their model_*.json), its sets
+    in SET_ORDER (as a run takes them)."""
     total = 0.0
-    folders = [bundle / "references" / (victim + DISTILLED_SUFFIX), bundle / "references" / victim]
+    folders = [bundle / "references" / (victim + distill.suffix) for distill in SET_ORDER]
     for meta in [m for folder in folders for m in sorted(folder.glob("model_*.json"))][:k]:
         try:
             total += float(json.loads(meta.read_text()).get("seconds") or 0.0)

@@ -327,7 +327,7 @@ def strong_posterior_candidates(feature_names: list[str]) -> tuple[Candidate, ..
 
 #: Label-only signals thresholded alone (those a run has), in this order.
 LABEL_ONLY_SIGNALS = ("correctness", "aug_correct_count", "noise_correct", "calibrated_aug_count", "label_lira",
-                      "calibrated_noise_correct", "noise_lira", "noise_rate_lr")
+                      "calibrated_noise_correct", "noise_lira", "noise_rate_lr", "noise_rate_offline")
 
 
 def strong_label_only_candidates(feature_names: list[str]) -> tuple[Candidate, ...]:

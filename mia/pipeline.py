@@ -233,7 +233,9 @@ def _train_missing_references(victim: Victim, bundle: Bundle, config: RunConfig,
                 seconds = reference_cost(seconds_per_image, len(eval_recs) + len(test_recs), ReferenceRecipe(),
                                              n_views).seconds
                 cost = f"one would take about {format_duration(seconds)} on {device}: {command}"
-            log(f"{victim.name}: no reference models; {cost}, then run again (LiRA and RMIA join the candidates)")
+            log(f"{victim.name}: no reference models; {cost}, then run again (LiRA and RMIA join the candidates). "
+                f"With records of the victim's distribution that are not its eval or test records, `--distill "
+                f"labels --population DIR` instead trains one that imitates the victim, stronger for every task")
         return False
     recipe = ReferenceRecipe(device=str(device))
     # timed in bf16: the references train in bf16 autocast on CUDA (mia.training), whatever the scoring precision

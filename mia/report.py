@@ -95,7 +95,7 @@ def comparison_table(result) -> str:
 
 
 REFERENCE_ATTACKS = ("lira_online", "lira_offline", "rmia", "bmia", "bmia_online", "calibrated_aug_count", "label_lira", "calibrated_noise_correct",
-                     "noise_lira", "noise_rate_lr")
+                     "noise_lira", "noise_rate_lr", "noise_rate_offline")
 
 
 def reference_table(result) -> str | None:

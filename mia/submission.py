@@ -96,7 +96,7 @@ def build_result_json(result) -> dict:
             "rmia_online": data.rmia_online,  # RMIA's p(x) from IN and OUT models (null: no record has both)
             "laplace_prior": data.laplace_prior,  # the Laplace attack's prior scale, tuned on eval (null: none)
             "reference_sanity": data.reference_sanity,  # each reference's held-out accuracy next to the victim's
-            #   (and whether it was distilled from the victim)
+            #   (and its kind: "off", or distilled from the victim's "posteriors" or "labels")
         }
     tasks: dict[str, dict] = {}
     for o in result.outcomes:

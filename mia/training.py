@@ -100,6 +100,7 @@ class TrainRecipe:
     pad: int = 2
     optimizer: str = "sgd"  # "sgd" (momentum, weight decay) or "adam" (weight decay as an L2 term); both with
     #   the cosine schedule
+    hard_teacher: bool = False  # with a teacher: learn its predicted labels (argmax) instead of its softmax
 
 
 def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, recipe: TrainRecipe, *,
@@ -108,8 +109,9 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
     """Train ``model`` in place on images (n, C, H, W) float32 and labels (n,) int.
 
     ``teacher``: distillation. The loss is the cross-entropy to the teacher's softmax on the same augmented
-    batch (its KL divergence up to a constant) instead of to the labels, which then only count the
-    reported accuracy; the teacher runs in eval mode without gradients and is left on ``device``.
+    batch (its KL divergence up to a constant), or with ``recipe.hard_teacher`` to its predicted labels,
+    instead of to the labels, which then only count the reported accuracy; the teacher runs in eval mode
+    without gradients and is left on ``device``.
 
     channels_last and bf16 autocast on CUDA. On the CPU the default (NCHW) layout: with torch 2.14 the
     multi-threaded CPU backward pass of ResNet34 in channels_last corrupts memory (segfault or "double
@@ -151,7 +153,8 @@ def train_classifier(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
                 logits = model(x)
                 if teacher is not None:
                     with torch.no_grad():
-                        target = teacher(x).float().softmax(dim=1)
+                        answer = teacher(x).float()
+                        target = answer.argmax(dim=1) if recipe.hard_teacher else answer.softmax(dim=1)
             loss = F.cross_entropy(logits.float(), y if teacher is None else target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

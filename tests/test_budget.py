@@ -31,6 +31,7 @@ def test_a_cpu_run_says_what_one_reference_would_cost(tiny_bundle, tmp_path):
                                             cache_dir=str(tmp_path / "cache")), progress=False, log=lines.append)
     line = next(x for x in lines if "no reference models" in x)
     assert "one would take about" in line and "python -m mia references --k 1 --victims vgg16_fashionmnist" in line
+    assert "`--distill labels --population DIR`" in line  # the stronger one-model choice, where records allow
 
 
 def test_an_accelerated_run_trains_what_the_budget_allows(tiny_bundle, copy_bundle, tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from mia.core.reference_stats import (
 from mia.core.laplace import PRIOR_SCALES
 from mia.core.metrics import auc
 from mia.references.attacks import ReferenceOptions, VictimAnswers, victim_reference_features
-from mia.references import ReferenceRecipe, load_reference_set, make_masks, reference_logits, train_references
+from mia.references import Distill, ReferenceRecipe, load_reference_set, make_masks, reference_logits, train_references
 from mia.scoring import FLIP, IDENTITY, compute_logits, noise_views
 
 
@@ -531,6 +531,60 @@ def test_grouped_rate_llr_by_hand():
         grouped_rate_llr(np.array([[3], [3]]), ref, labels, mask, np.array([0.0, 1.0]))
 
 
+def test_grouped_rate_offline_by_hand():
+    from mia.core.reference_stats import grouped_rate_offline
+
+    labels = np.array([3, 3])
+    groups = np.array([0, 0, 0, 0])
+    # one model right on 2 of record 0's 4 queries: rate (2 + 0.5) / (4 + 1) = 1/2; never on record 1's: 1/10
+    ref = np.array([[[3, 0], [3, 0], [1, 0], [1, 0]]])  # (K=1, Q=4, n=2)
+    victim = np.array([[3, 3], [3, 0], [3, 0], [3, 0]])  # record 0: 4 of 4 right, record 1: 1 of 4
+    np.testing.assert_allclose(grouped_rate_offline(victim, ref, labels, groups),
+                               [math.log(16), -math.log(1 - 0.9**4)], rtol=1e-12)  # -log Pr[X >= c]
+    np.testing.assert_allclose(grouped_rate_offline(np.full((4, 2), 1), ref, labels, groups), [0.0, 0.0], atol=0)
+    # two groups add up; two models average their rates
+    two = grouped_rate_offline(victim, ref, labels, np.array([0, 0, 1, 1]))
+    np.testing.assert_allclose(two[0], -math.log(25 / 36) - math.log(1 / 36))  # rates 5/6 and 1/6, 2 of 2 right
+    ref2 = np.concatenate([ref, np.full_like(ref, 3)])  # a second model always right: mean rate (1/2 + 9/10) / 2
+    p = (0.5 + 0.9) / 2
+    np.testing.assert_allclose(grouped_rate_offline(victim, ref2, labels, groups)[0], -4 * math.log(p), rtol=1e-12)
+    with pytest.raises(ValueError, match="groups"):
+        grouped_rate_offline(victim, ref, labels, np.array([0.0, 0.0, 1.0, 1.0]))
+
+
+def test_label_distilled_references_feed_every_task(bundle, tmp_path):
+    """`mia references --k 1 --distill labels`: a model trained on the victim's predicted labels only, which a
+    label-only attacker may ask for: it feeds the offline posterior attacks and the label-only ones (with the
+    offline binomial test over noisy queries, since no record is IN for it)."""
+    victim = bundle.victims[0]
+    population = tmp_path / "population.p"
+    write_population_like(victim, population, n=24)
+    recipe = ReferenceRecipe(k=1, epochs=1, batch_size=16, device="cpu", distill="labels")
+    ref_set = train_references(bundle.root, victim, recipe, population=population, progress=False,
+                               references_root=tmp_path / "refs")
+    assert ref_set.folder.name == f"{victim.name}-distilled-labels" and ref_set.recipe.distill is Distill.LABELS
+    # the attacks query the scored records only, not the population the model trained on
+    full = reference_logits(ref_set, (IDENTITY,), device="cpu")
+    scored = reference_logits(ref_set, (IDENTITY,), device="cpu", scored_only=True)
+    assert full.shape == (1, 1, 64 + 24, 10) and scored.shape == (1, 1, 64, 10)
+    np.testing.assert_array_equal(scored, full[:, :, :64])
+    ev_logits, te_logits, ev_labels, te_labels, names = _victim_logits(bundle)
+    membership = load_records(victim.eval_path, with_membership=True).membership
+    queries = noise_views((0.1, 0.2), 2)
+    rng = np.random.default_rng(0)
+    ev_noisy, te_noisy = (rng.integers(0, 10, (len(queries), len(x))) for x in (ev_labels, te_labels))
+    answers = VictimAnswers(ev_logits, te_logits, ev_labels, te_labels, names, ev_noisy, te_noisy,
+                            tuple(q.name for q in queries), eval_membership=membership)
+    feats = victim_reference_features(bundle.root, victim, answers,
+                                      ReferenceOptions(device="cpu", references_root=tmp_path / "refs"))
+    assert feats.k == 1 and [row["distill"] for row in feats.sanity] == ["labels"]
+    for split in ("eval", "test"):
+        assert set(feats.posterior[split]) == {"lira_offline", "rmia", "ref_out_lsc", "bmia"}
+        assert set(feats.label_only[split]) == {"calibrated_aug_count", "label_lira", "noise_lira",
+                                                "noise_rate_offline", "calibrated_noise_correct"}
+        assert all(np.isfinite(v).all() for v in feats.label_only[split].values())
+
+
 def test_distilled_references_feed_the_offline_posterior_attacks_only(bundle, tmp_path):
     """`mia references --k 1 --distill`: a model that trained on no scored record; no online test (its IN
     and OUT Gaussians would coincide) and nothing for the label-only task (it learned the posteriors)."""
@@ -561,7 +615,7 @@ def test_distilled_references_feed_the_offline_posterior_attacks_only(bundle, tm
     alone = victim_reference_features(bundle.root, victim, answers, dataclasses.replace(options, max_models=1))
     np.testing.assert_array_equal(alone.posterior["test"]["rmia"], feats.posterior["test"]["rmia"])
     assert both.k == 2 and {"lira_online", "bmia_online"} <= set(both.posterior["test"])
-    assert [row["distilled"] for row in both.sanity] == [True, False]  # as result.json reports them
+    assert [row["distill"] for row in both.sanity] == ["posteriors", "off"]  # as result.json reports them
     ref_set = load_reference_set(bundle.root, victim, references_root=tmp_path / "refs")
     mixed_only = np.asarray(ref_set.masks[0, :64])[None]
     plain = reference_logits(ref_set, (IDENTITY, FLIP), device="cpu")[:, :, :64]

@@ -14,6 +14,7 @@ import mia.references.train as ref_train
 from mia.bundle import discover
 from mia.errors import MIAError
 from mia.references import (
+    Distill,
     ReferenceRecipe,
     distill_masks,
     load_pool,
@@ -99,6 +100,16 @@ def test_distillation_is_in_the_fingerprint_only_when_on():
     assert distilled.to_dict()["distill"] is True and ReferenceRecipe.from_dict(distilled.to_dict()) == distilled
     with pytest.raises(MIAError, match="positive"):
         ReferenceRecipe(k=0, distill=True).validate()
+    # the posterior imitations are written as `true`, as before the label imitations existed (same fingerprint)
+    assert distilled.distill is Distill.POSTERIORS and ReferenceRecipe(distill="posteriors") == distilled.__class__(
+        k=8, distill=True)
+    labels = ReferenceRecipe(k=1, distill="labels")
+    assert labels.to_dict()["distill"] == "labels" and ReferenceRecipe.from_dict(labels.to_dict()) == labels
+    assert labels.distilled and not ReferenceRecipe().distilled and ReferenceRecipe(distill=False).distill is Distill.OFF
+    assert labels.train_recipe().hard_teacher and not distilled.train_recipe().hard_teacher
+    assert [d.suffix for d in Distill] == ["", "-distilled", "-distilled-labels"]
+    with pytest.raises(MIAError, match="distill must be one of"):
+        ReferenceRecipe(distill="logits")
 
 
 def test_parse_shard():
@@ -291,8 +302,16 @@ def test_cli_distill_needs_a_population(bundle, capsys):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["references", "--bundle", str(bundle.root), "--k", "1", "--distill", "--quiet"])
+    assert args.distill == "posteriors"
     with pytest.raises(MIAError, match="--population"):
         run_cli(args)
+    args = parser.parse_args(["references", "--bundle", str(bundle.root), "--k", "1", "--distill", "labels"])
+    assert args.distill == "labels"
+    with pytest.raises(MIAError, match="--population"):
+        run_cli(args)
+    assert parser.parse_args(["references"]).distill == "off"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["references", "--distill", "off"])
 
 
 def test_pool_with_population_folder(bundle, tmp_path):

@@ -134,3 +134,18 @@ def test_a_student_learns_its_teachers_posteriors_not_the_labels():
         p = model(torch.from_numpy(x)).softmax(1).numpy()
     assert (p.argmax(1) == 0).all() and stats["final_train_acc"] == 0.0  # accuracy still counts the labels
     np.testing.assert_allclose(p.mean(0), [0.9, 0.05, 0.05], atol=0.03)  # soft targets, not one-hot
+
+
+def test_a_hard_teacher_gives_its_predicted_labels_only():
+    """hard_teacher: the student learns the teacher's argmax (a label-only attacker's view of it), so it grows
+    far more confident than the teacher's 0.9."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(48, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(1, 3, 48)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    train_classifier(model, x, y, TrainRecipe(epochs=30, batch_size=16, lr=0.05, augment=False, hard_teacher=True),
+                     seed=0, device=torch.device("cpu"), progress=False, teacher=_Constant())
+    with torch.no_grad():
+        p = model(torch.from_numpy(x)).softmax(1).numpy()
+    assert (p.argmax(1) == 0).all() and p[:, 0].min() > 0.97  # one-hot targets: far above the teacher's 0.9

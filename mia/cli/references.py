@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mia.cli.options import add_bundle_option, add_cache_dir_option, add_trust_option, add_victims_option
 from mia.errors import MIAError
-from mia.references import ReferenceRecipe, load_reference_set, parse_shard, references_folder, train_references
+from mia.references import Distill, ReferenceRecipe, load_reference_set, parse_shard, references_folder, train_references
 from mia.references.launch import SlurmOptions
 from mia.references.train import pct
 
@@ -37,10 +37,12 @@ def add_parser(subparsers) -> object:
     p.add_argument("--width", type=int, default=None, help="model width (default: the victim's)")
     p.add_argument("--population", type=Path, default=None,
                    help="folder (or file) of extra .p records [image, label(, membership)] added to the pool")
-    p.add_argument("--distill", action="store_true",
-                   help="train on the population records only (needs --population), towards the victim's posteriors "
-                        "instead of their labels: imitations of the victim for the offline posterior attacks "
-                        "(tasks 1-2); any --k")
+    p.add_argument("--distill", nargs="?", const=Distill.POSTERIORS.value, default=Distill.OFF.value,
+                   choices=[d.value for d in Distill if d is not Distill.OFF], metavar="{posteriors,labels}",
+                   help="train on the population records only (needs --population), towards the victim's answers "
+                        "instead of the records' labels: imitations of the victim for the offline attacks; any --k. "
+                        "'posteriors' (the default): its softmax, for tasks 1-2 only; 'labels': its predicted "
+                        "labels, which a label-only attacker may ask for, so the models serve every task")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="train only models j with j %% N == I (default 0/1)")
     p.add_argument("--merge-only", action="store_true", help="train nothing: rebuild the manifests and report")
     fan = p.add_argument_group("fan-out (one job per model; an interrupted fan-out resumes when run again)")
@@ -73,7 +75,7 @@ def run_cli(args) -> int:
                              weight_decay=args.weight_decay, augment=not args.no_augment, pad=args.pad, seed=args.seed,
                              device=args.device, width=args.width, optimizer=args.optimizer, distill=args.distill)
     recipe.validate()
-    if recipe.distill and args.population is None:
+    if recipe.distilled and args.population is None:
         raise MIAError("--distill trains on population records only: give --population a folder of records from "
                        "the victim's distribution (not its eval or test records)")
     bundle_root = args.bundle if args.bundle is not None else default_bundle(progress=not args.quiet)
@@ -83,10 +85,10 @@ def run_cli(args) -> int:
         return _fan_out(args, bundle, recipe, t0)
     for victim in bundle.victims:
         if args.merge_only:
-            ref_set = load_reference_set(bundle.root, victim, arch_dirs=bundle.arch_dirs, distilled=recipe.distill)
+            ref_set = load_reference_set(bundle.root, victim, arch_dirs=bundle.arch_dirs, distill=recipe.distill)
             if ref_set is None:
                 print(f"{victim.name}: no reference models under "
-                      f"{references_folder(bundle.root, victim, distilled=recipe.distill)}")
+                      f"{references_folder(bundle.root, victim, distill=recipe.distill)}")
                 continue
         else:
             ref_set = train_references(bundle.root, victim, recipe, population=args.population, shard=shard,

@@ -78,6 +78,7 @@ __all__ = [
     "calibrated_aug_count",
     "fit_gaussians",
     "grouped_rate_llr",
+    "grouped_rate_offline",
     "label_lira",
     "lira_offline",
     "lira_online",
@@ -103,6 +104,8 @@ LABEL_ONLY_FEATURES = {
     "calibrated_noise_correct": "fraction of noisy queries correct for the victim minus the mean over the OUT references",
     "noise_rate_lr": "binomial log-likelihood ratio of the victim's correct noisy answers per noise level under the "
                      "record's IN vs OUT references' rates (works with one reference model)",
+    "noise_rate_offline": "-log Pr[as many correct noisy answers as the victim's, or more, at the record's OUT "
+                          "references' rates], summed over noise levels (references that trained on no record)",
 }
 
 
@@ -399,6 +402,40 @@ def label_lira(victim_predicted: np.ndarray, reference_predicted: np.ndarray, la
     return llr.sum(axis=0).astype(np.float64)
 
 
+def _group_rates(victim_predicted, reference_predicted, labels, groups, prior: float):
+    """(group sizes (G, 1), smoothed correct rates (K, G, n), the victim's correct counts (G, n))."""
+    groups = np.asarray(groups)
+    if groups.shape != (victim_predicted.shape[0],) or not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(f"groups must be ({victim_predicted.shape[0]},) integers, got {groups.dtype} {groups.shape}")
+    if not prior > 0:
+        raise ValueError(f"prior must be positive, got {prior}")
+    ids = np.unique(groups)
+    onehot = (groups[None, :] == ids[:, None]).astype(np.float64)  # (G, Q)
+    sizes = onehot.sum(axis=1)[:, None]  # (G, 1)
+    ref_correct = (reference_predicted == labels[None, None]).astype(np.float64)  # (K, Q, n)
+    rates = (np.einsum("gq,kqn->kgn", onehot, ref_correct) + prior) / (sizes[None] + 2 * prior)  # (K, G, n)
+    correct = onehot @ (victim_predicted == labels[None]).astype(np.float64)  # (G, n)
+    return sizes, rates, correct
+
+
+def grouped_rate_offline(victim_predicted: np.ndarray, reference_predicted: np.ndarray, labels: np.ndarray,
+                         groups: np.ndarray, prior: float = 0.5) -> np.ndarray:
+    """Label-only offline test over groups of exchangeable queries, for reference models that trained on none
+    of the records (distilled ones). -> (n,) float64, >= 0.
+
+    Per record and group, p = the mean over the models of their smoothed correct-answer rates
+    (correct + prior) / (queries + 2 prior); score = -sum over groups of log Pr[Binomial(m, p) >= c] for the
+    victim's c correct answers of m queries: a member stays correct under more noise than a model that did not
+    train on it. Shapes as for ``grouped_rate_llr`` (no in_mask: every model is OUT)."""
+    from scipy.stats import binom  # here: scipy costs 0.4 s to import
+    victim_predicted, reference_predicted, labels, _ = _label_only_inputs(
+        victim_predicted, reference_predicted, labels,
+        np.zeros((np.shape(reference_predicted)[0], np.shape(reference_predicted)[-1]), dtype=bool))
+    sizes, rates, correct = _group_rates(victim_predicted, reference_predicted, labels, groups, prior)
+    log_tail = binom.logsf(correct - 1, np.broadcast_to(sizes, correct.shape), rates.mean(axis=0))  # Pr[X >= c]
+    return -np.minimum(log_tail, 0.0).sum(axis=0)
+
+
 def grouped_rate_llr(victim_predicted: np.ndarray, reference_predicted: np.ndarray, labels: np.ndarray,
                      in_mask: np.ndarray, groups: np.ndarray, prior: float = 0.5) -> np.ndarray:
     """Label-only likelihood ratio over groups of exchangeable queries (the noisy copies of one image at one
@@ -412,19 +449,9 @@ def grouped_rate_llr(victim_predicted: np.ndarray, reference_predicted: np.ndarr
     c log(p_in / p_out) + (m - c) log((1 - p_in) / (1 - p_out)) for the victim's c correct of m queries."""
     victim_predicted, reference_predicted, labels, in_mask = _label_only_inputs(
         victim_predicted, reference_predicted, labels, in_mask)
-    groups = np.asarray(groups)
-    if groups.shape != (victim_predicted.shape[0],) or not np.issubdtype(groups.dtype, np.integer):
-        raise ValueError(f"groups must be ({victim_predicted.shape[0]},) integers, got {groups.dtype} {groups.shape}")
-    if not prior > 0:
-        raise ValueError(f"prior must be positive, got {prior}")
-    ids = np.unique(groups)
-    onehot = (groups[None, :] == ids[:, None]).astype(np.float64)  # (G, Q)
-    sizes = onehot.sum(axis=1)[:, None]  # (G, 1)
-    ref_correct = (reference_predicted == labels[None, None]).astype(np.float64)  # (K, Q, n)
-    rates = (np.einsum("gq,kqn->kgn", onehot, ref_correct) + prior) / (sizes[None] + 2 * prior)  # (K, G, n)
+    sizes, rates, correct = _group_rates(victim_predicted, reference_predicted, labels, groups, prior)
     fit = fit_gaussians(np.log(rates) - np.log1p(-rates), in_mask, global_variance=True)
     log_in, log_out = -np.logaddexp(0.0, -fit.mu_in), -np.logaddexp(0.0, -fit.mu_out)  # log sigmoid
     log_not_in, log_not_out = -np.logaddexp(0.0, fit.mu_in), -np.logaddexp(0.0, fit.mu_out)
-    correct = onehot @ (victim_predicted == labels[None]).astype(np.float64)  # (G, n)
     llr = correct * (log_in - log_out) + (sizes - correct) * (log_not_in - log_not_out)
     return llr.sum(axis=0)

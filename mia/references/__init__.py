@@ -42,12 +42,13 @@ reductions differ with the number of threads). On CUDA training runs in bf16 aut
 """
 from mia.references.logits import reference_logits, views_from_names
 from mia.references.pool import Pool, distill_masks, load_pool, make_masks
-from mia.references.recipe import ReferenceRecipe
+from mia.references.recipe import Distill, ReferenceRecipe
 from mia.references.store import REFERENCES_FORMAT, ReferenceSet, default_arch_dirs, load_reference_set, references_folder
 from mia.references.train import parse_shard, train_references
 
 __all__ = [
     "REFERENCES_FORMAT",
+    "Distill",
     "Pool",
     "ReferenceRecipe",
     "ReferenceSet",

@@ -12,13 +12,14 @@ from mia.bundle import Victim
 from mia.core import signals as sig
 from mia.core.laplace import PRIOR_SCALES, fit_last_layer_laplace, laplace_fit_gaussians, statistic_moments
 from mia.core.metrics import auc
-from mia.core.reference_stats import (calibrated_aug_count, fit_gaussians, grouped_rate_llr, label_lira, lira_offline,
-                                      lira_online, rmia_scores)
+from mia.core.reference_stats import (calibrated_aug_count, fit_gaussians, grouped_rate_llr, grouped_rate_offline,
+                                      label_lira, lira_offline, lira_online, rmia_scores)
 from mia.core.signals import integer_labels
 from mia.errors import MIAError
 from mia.io.cache import file_digest
 from mia.references.logits import reference_features, reference_logits, views_from_names
-from mia.references.store import ReferenceSet, load_reference_set
+from mia.references.recipe import Distill
+from mia.references.store import SET_ORDER, ReferenceSet, load_reference_set
 from mia.scoring import IDENTITY
 
 __all__ = ["ReferenceFeatures", "ReferenceOptions", "VictimAnswers", "victim_reference_features"]
@@ -29,9 +30,9 @@ __all__ = ["ReferenceFeatures", "ReferenceOptions", "VictimAnswers", "victim_ref
 
 
 def _usable_set(bundle_root, victim: Victim, n_eval: int, n_test: int, references_root,
-                distilled: bool) -> ReferenceSet | None:
+                distill: Distill) -> ReferenceSet | None:
     ref_set = load_reference_set(bundle_root, victim, references_root=references_root, rebuild_manifest=False,
-                                 distilled=distilled)
+                                 distill=distill)
     if ref_set is None or not ref_set.complete:
         return None
     if (ref_set.n_eval, ref_set.n_test) != (n_eval, n_test):
@@ -52,13 +53,19 @@ def _split(values: dict[str, np.ndarray], n_eval: int) -> dict[str, dict[str, np
 
 @dataclass
 class _Loaded:
-    """A victim's reference models as used: the distilled set's first, then the other set's."""
+    """A victim's reference models as used, their sets in SET_ORDER (the imitations of the victim first)."""
 
     models: list[tuple[ReferenceSet, int]]  # (set, model index j) of each model, in order
     logits: np.ndarray  # (K, V, n, C) on the victim's eval + test records
     masks: np.ndarray  # (K, n) bool
-    distilled: np.ndarray  # (K,) bool: the model imitates the victim's posteriors (no label-only use)
-    noisy: np.ndarray | None  # (K_label, Q, n) predicted labels of the models that are not distilled, or None
+    distill: list[Distill]  # (K,) each model's set kind: POSTERIORS models saw the victim's posteriors (no
+    #   label-only use)
+    noisy: np.ndarray | None  # (K_label, Q, n) predicted labels of the models a label-only attack may use, or None
+
+    @property
+    def by_labels(self) -> np.ndarray:
+        """(K,) bool: the models a label-only attack may use (all but the posterior imitations)."""
+        return np.array([d is not Distill.POSTERIORS for d in self.distill], dtype=bool)
 
 
 def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view_names: list[str], *, min_models: int,
@@ -66,13 +73,13 @@ def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view
                      noise_view_names: list[str] | None = None, cache: bool = True,
                      cache_dir: str | Path | None = None, max_models: int | None = None,
                      precision: str = "auto") -> _Loaded | None:
-    """The victim's reference models (its distilled set's, then its other set's, at most ``max_models`` in
-    all) with their logits on the eval + test records under ``view_names`` and, for the models that are not
-    distilled, their predicted labels under the noisy queries ``noise_view_names``; None with fewer than
+    """The victim's reference models (its sets in SET_ORDER, at most ``max_models`` in all) with their
+    logits on the eval + test records under ``view_names`` and, for the models a label-only attack may use,
+    their predicted labels under the noisy queries ``noise_view_names``; None with fewer than
     ``min_models``. Reads (or computes) each model's logits once."""
     n = n_eval + n_test
-    sets = [s for s in (_usable_set(bundle_root, victim, n_eval, n_test, references_root, distilled)
-                        for distilled in (True, False)) if s is not None]
+    sets = [s for s in (_usable_set(bundle_root, victim, n_eval, n_test, references_root, distill)
+                        for distill in SET_ORDER) if s is not None]
     models = [(ref_set, j) for ref_set in sets for j in ref_set.complete][:max_models]
     if not models or len(models) < min_models:
         return None
@@ -83,16 +90,15 @@ def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view
             continue
         subset = dataclasses.replace(ref_set, complete=tuple(used))
         logits.append(reference_logits(subset, views_from_names(view_names), device=device, batch_size=batch_size,
-                                       progress=progress, cache=cache, cache_dir=cache_dir,
-                                       precision=precision)[:, :, :n])
+                                       progress=progress, cache=cache, cache_dir=cache_dir, precision=precision,
+                                       scored_only=True))
         masks.append(subset.complete_masks()[:, :n])
-        if noise_view_names is not None and not ref_set.recipe.distill:
+        if noise_view_names is not None and ref_set.recipe.distill is not Distill.POSTERIORS:
             noisy.append(reference_logits(subset, views_from_names(noise_view_names), device=device,
                                           batch_size=batch_size, progress=progress, labels_only=True, cache=cache,
-                                          cache_dir=cache_dir, precision=precision)[:, :, :n])
-    distilled = np.array([ref_set.recipe.distill for ref_set, _ in models], dtype=bool)
-    return _Loaded(models, np.concatenate(logits), np.concatenate(masks), distilled,
-                   np.concatenate(noisy) if noisy else None)
+                                          cache_dir=cache_dir, precision=precision, scored_only=True))
+    return _Loaded(models, np.concatenate(logits), np.concatenate(masks),
+                   [ref_set.recipe.distill for ref_set, _ in models], np.concatenate(noisy) if noisy else None)
 
 
 #: RMIA's offline parameter a is chosen from these by eval AUC when ReferenceOptions.rmia_a is "auto".
@@ -261,7 +267,7 @@ class ReferenceFeatures:
     posterior: dict[str, dict[str, np.ndarray]]  # split -> lira_online, lira_offline, rmia, ref_out_lsc (+ bmia,
     #   bmia_online with ReferenceOptions.laplace)
     label_only: dict[str, dict[str, np.ndarray]]  # split -> calibrated_aug_count, label_lira (+ noise_lira,
-    #   noise_rate_lr, calibrated_noise_correct with noisy queries)
+    #   noise_rate_lr or noise_rate_offline, calibrated_noise_correct with noisy queries)
     rmia: RmiaSetting = RmiaSetting(online=True, a=None)  # RMIA's p(x) as used (tuned on eval: rmia_a="auto")
     sanity: list[dict] = field(default_factory=list)  # reference_sanity: each model's accuracy next to the
     #   victim's on the same held-out eval records (needs the eval membership)
@@ -316,14 +322,17 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
     noisy queries (``answers.*_noise_labels``, which the references answer too, labels only)
     'noise_lira' (``label_lira`` over the noisy queries: how much likelier the victim's answers are
     under the record's IN models than its OUT models), 'noise_rate_lr' (``grouped_rate_llr``: the same
-    question asked of the correct-answer rate per noise level, binomial; works with one model) and
-    'calibrated_noise_correct' (the victim's
-    fraction of correct noisy answers minus the mean fraction of the record's OUT models).
+    question asked of the correct-answer rate per noise level, binomial; works with one model; where no
+    record has an IN model, 'noise_rate_offline' instead: ``grouped_rate_offline``'s binomial tail) and
+    'calibrated_noise_correct' (the victim's fraction of correct noisy answers minus the mean fraction of
+    the record's OUT models).
 
-    The victim's distilled reference models (``ReferenceRecipe.distill``, in their own folder) come first,
-    then its other ones (``options.max_models`` counts both). The distilled ones trained on none of the
-    records: with no other models only the offline posterior features are returned, and the label-only
-    features never use them (they learned the victim's posteriors, which a label-only attack may not see)."""
+    The victim's reference sets are taken in SET_ORDER (``ReferenceRecipe.distill``, each in its own folder):
+    the posterior imitations, the label imitations, then the others (``options.max_models`` counts them all).
+    Distilled models trained on none of the records: with no other models only the offline posterior
+    features are returned. The label-only features never use the posterior imitations (they learned the
+    victim's posteriors, which a label-only attack may not see); the label imitations learned only what a
+    label-only attacker can ask for, and serve every task."""
     eval_labels, test_labels = np.asarray(answers.eval_labels), np.asarray(answers.test_labels)
     view_names, noise_view_names = list(answers.view_names), answers.noise_view_names
     noise_predicted = (None if answers.eval_noise_labels is None and answers.test_noise_labels is None
@@ -346,7 +355,7 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
     if loaded is None:
         return None
     ref_logits, masks, ref_noisy = loaded.logits, loaded.masks, loaded.noisy
-    by_labels = ~loaded.distilled  # the models a label-only attack may use
+    by_labels = loaded.by_labels  # the models a label-only attack may use
     labels = np.concatenate([eval_labels, test_labels])
     target = _victim_logits(answers.eval_logits, answers.test_logits, len(view_names), n_eval + n_test)
     eval_membership = None if answers.eval_membership is None else np.asarray(answers.eval_membership)
@@ -358,7 +367,7 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
     sanity = ([] if eval_membership is None else
               reference_sanity(target[0].argmax(-1), ref_logits[:, 0].argmax(-1), masks, labels, eval_membership))
     for row in sanity:
-        row["distilled"] = bool(loaded.distilled[row["model"]])
+        row["distill"] = loaded.distill[row["model"]].value
     laplace_prior = None
     if o.laplace:
         laplace, laplace_prior = _laplace_values(loaded.models, views_from_names(view_names), target, labels, masks,
@@ -371,7 +380,10 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
         label_only["noise_lira"] = label_lira(victim_noisy, ref_noisy, labels, label_masks)
         keys = [(v.flip, v.noise) for v in views_from_names(noise_view_names)]  # exchangeable: same view and level
         groups = np.array([sorted(set(keys)).index(key) for key in keys])
-        label_only["noise_rate_lr"] = grouped_rate_llr(victim_noisy, ref_noisy, labels, label_masks, groups)
+        if label_masks.any():
+            label_only["noise_rate_lr"] = grouped_rate_llr(victim_noisy, ref_noisy, labels, label_masks, groups)
+        else:  # label-distilled models only: no record has an IN model, the offline test instead
+            label_only["noise_rate_offline"] = grouped_rate_offline(victim_noisy, ref_noisy, labels, groups)
         label_only["calibrated_noise_correct"] = (calibrated_aug_count(victim_noisy, ref_noisy, labels, label_masks)
                                                   / len(noise_view_names))
     return ReferenceFeatures(k=ref_logits.shape[0], posterior=_split(posterior, n_eval),

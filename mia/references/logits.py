@@ -53,12 +53,13 @@ def views_from_names(names: list[str] | tuple[str, ...]) -> tuple[View, ...]:
 
 def _logits_cache_path(cache_dir: Path, ref_set: ReferenceSet, j: int, views: tuple[View, ...],
                        labels_only: bool = False, device: str = "auto", what: str = "",
-                       precision: str = "auto") -> Path:
+                       precision: str = "auto", scored_only: bool = False) -> Path:
     """``<cache_dir>/logits/reference-<victim>-model_<j>-<key>.npz``: the key hashes the model file, the pool's
-    fingerprint, the views, the architecture file, ``labels_only`` (or ``what`` else it holds) and the
-    precision."""
+    fingerprint, the views, the architecture file, ``labels_only`` (or ``what`` else it holds), the
+    precision and ``scored_only``."""
     h = hashlib.sha256(f"format={LOGITS_FORMAT};views={[v.name for v in views]};"
-                       f"pool={ref_set.fingerprint}{';labels' if labels_only else ''}{what};"
+                       f"pool={ref_set.fingerprint}{';labels' if labels_only else ''}{what}"
+                       f"{';scored' if scored_only else ''};"
                        f"{precision_tag(device, 'fp32' if what else precision)}".encode())
     h.update(file_digest(ref_set.model_path(j)).encode())
     arch_file = ref_set.manifest.get("architecture_file", {}).get("sha256", "-")
@@ -70,10 +71,13 @@ def _logits_cache_path(cache_dir: Path, ref_set: ReferenceSet, j: int, views: tu
 def reference_logits(ref_set: ReferenceSet, views: tuple[View, ...] = (IDENTITY,), device: str = "auto",
                      batch_size: int = 256, *, progress: bool = False, cache: bool = True,
                      cache_dir: str | Path | None = None, pool: Pool | None = None,
-                     labels_only: bool = False, precision: str = "auto") -> np.ndarray:
+                     labels_only: bool = False, precision: str = "auto", scored_only: bool = False) -> np.ndarray:
     """Logits of every complete reference model on the whole pool -> (K, V, N_pool, C) float32; with
     ``labels_only`` their predicted labels -> (K, V, N_pool) int64 (for the many noisy queries).
     ``precision``: compute_logits' (the victim's: RunConfig.precision), part of the cache key.
+    ``scored_only``: the pool's eval and test records only, the ones an attack scores (N_pool becomes
+    n_eval + n_test): the population records, which only train the models, are not queried (a distilled set's
+    population is often many times the scored records).
 
     K = len(ref_set.complete), in that order (``ref_set.complete_masks()`` are the matching masks);
     V = len(views). With ``cache``, each model's array is kept under ``<cache root>/logits/`` (mia.io.cache:
@@ -82,22 +86,22 @@ def reference_logits(ref_set: ReferenceSet, views: tuple[View, ...] = (IDENTITY,
     """
     views = tuple(views)
     root = cache_root(cache_dir) if cache else None
+    n = ref_set.n_eval + ref_set.n_test if scored_only else ref_set.n_pool
     out = []
     for j in tqdm(ref_set.complete, desc=f"{ref_set.manifest['victim']} reference logits", unit="model",
                   disable=not progress, leave=False):
-        path = (_logits_cache_path(root, ref_set, j, views, labels_only, device, precision=precision)
-                if root is not None else None)
+        path = (_logits_cache_path(root, ref_set, j, views, labels_only, device, precision=precision,
+                                   scored_only=scored_only) if root is not None else None)
 
         def compute(j: int = j) -> np.ndarray:
-            images = (pool if pool is not None else ref_set.load_pool(cache_dir=root)).images
+            images = (pool if pool is not None else ref_set.load_pool(cache_dir=root)).images[:n]
             return compute_logits(ref_set.load_model(j), images, views, device=device, batch_size=batch_size,
                                   labels_only=labels_only, precision=precision)
 
         def valid(a: np.ndarray) -> bool:
             if labels_only:
-                return a.shape == (len(views), ref_set.n_pool) and a.dtype == np.int64
-            return (a.ndim == 3 and a.shape[:2] == (len(views), ref_set.n_pool) and a.dtype == np.float32
-                    and bool(np.isfinite(a).all()))
+                return a.shape == (len(views), n) and a.dtype == np.int64
+            return a.ndim == 3 and a.shape[:2] == (len(views), n) and a.dtype == np.float32 and bool(np.isfinite(a).all())
 
         arr, _ = cached_array(path, compute, valid, {"format": LOGITS_FORMAT, "views": [v.name for v in views]})
         out.append(arr.astype(np.int64 if labels_only else np.float32, copy=False))

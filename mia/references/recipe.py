@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from enum import StrEnum
 
 from mia.errors import MIAError
 from mia.training import TrainRecipe
@@ -11,6 +12,31 @@ from mia.training import TrainRecipe
 # Recipe
 
 OPTIMIZERS = ("sgd", "adam")
+
+
+class Distill(StrEnum):
+    """What a reference model learns from: the records' labels, or the victim's answers on population records."""
+
+    OFF = "off"  # the records' own labels, on random halves of eval + test (+ population): IN and OUT models
+    POSTERIORS = "posteriors"  # the victim's softmax on population records only: offline posterior attacks (tasks
+    #   1-2); a label-only attack may not use it (it saw the victim's posteriors)
+    LABELS = "labels"  # the victim's predicted labels on population records only: what a label-only attacker
+    #   can ask for, so its models serve every task
+
+    @classmethod
+    def of(cls, value: Distill | str | bool) -> Distill:
+        """Distill from an enum, its value, or a bool (True: POSTERIORS, as recipes wrote it before LABELS)."""
+        if isinstance(value, bool):
+            return cls.POSTERIORS if value else cls.OFF
+        try:
+            return cls(value)
+        except ValueError:
+            raise MIAError(f"distill must be one of {[d.value for d in cls]}, got {value!r}") from None
+
+    @property
+    def suffix(self) -> str:
+        """Appended to the victim's folder name: each kind of reference set has its own folder."""
+        return {Distill.OFF: "", Distill.POSTERIORS: "-distilled", Distill.LABELS: "-distilled-labels"}[self]
 
 
 @dataclass(frozen=True)
@@ -30,16 +56,24 @@ class ReferenceRecipe:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"; not fingerprinted
     width: int | None = None  # model width; None: the victim's width (read from its weights)
     optimizer: str = "sgd"  # "sgd" or "adam" (match the victim's training; lr 1e-3 to 2e-3 is usual for Adam)
-    distill: bool = False  # train on the population records only, towards the victim's posteriors (soft labels)
-    #   instead of their labels: every eval and test record is OUT for every model (offline attacks), and the
-    #   models imitate the victim's function rather than its recipe. Needs population records; its
-    #   references serve the posterior tasks only (they saw the victim's posteriors)
+    distill: Distill = Distill.OFF  # POSTERIORS / LABELS: train on the population records only, towards the
+    #   victim's posteriors (soft labels) or its predicted labels instead of the records' labels: every eval and
+    #   test record is OUT for every model (offline attacks), and the models imitate the victim's function
+    #   rather than its recipe. Needs population records. A bool is read as POSTERIORS (True) or OFF (False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "distill", Distill.of(self.distill))
+
+    @property
+    def distilled(self) -> bool:
+        """The models learn the victim's answers on population records (no eval or test record is IN)."""
+        return self.distill is not Distill.OFF
 
     def validate(self) -> None:
         """Raise MIAError on a recipe that cannot be trained."""
-        if self.distill and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+        if self.distilled and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise MIAError(f"k must be a positive integer, got {self.k!r}")
-        if not self.distill and (isinstance(self.k, bool) or not isinstance(self.k, int)
+        if not self.distilled and (isinstance(self.k, bool) or not isinstance(self.k, int)
                                  or (self.k != 1 and (self.k < 2 or self.k % 2))):
             raise MIAError(f"k must be 1 or an even number >= 2 (each record is IN for exactly k/2 models), "
                            f"got {self.k!r}")
@@ -56,19 +90,22 @@ class ReferenceRecipe:
 
     def to_dict(self) -> dict:
         """The fields (the fingerprint's recipe); ``optimizer`` only when not "sgd" and ``distill`` only when
-        true, so that reference sets trained before they existed keep their fingerprint."""
+        on (POSTERIORS as ``true``, as it was written before LABELS existed), so that reference sets trained
+        before these fields keep their fingerprint."""
         data = dataclasses.asdict(self)
         if data["optimizer"] == "sgd":
             del data["optimizer"]
-        if not data["distill"]:
+        if self.distill is Distill.OFF:
             del data["distill"]
+        else:
+            data["distill"] = True if self.distill is Distill.POSTERIORS else self.distill.value
         return data
 
     def train_recipe(self) -> TrainRecipe:
         """The mia.training recipe of one model."""
         return TrainRecipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                            weight_decay=self.weight_decay, augment=self.augment, pad=self.pad,
-                           optimizer=self.optimizer)
+                           optimizer=self.optimizer, hard_teacher=self.distill is Distill.LABELS)
 
     @classmethod
     def from_dict(cls, data: dict) -> ReferenceRecipe:

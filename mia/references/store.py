@@ -24,7 +24,7 @@ from mia.references.pool import (
     relative_path,
     without_scored_copies,
 )
-from mia.references.recipe import ReferenceRecipe
+from mia.references.recipe import Distill, ReferenceRecipe
 
 REFERENCES_FORMAT = 1  # bump when a change makes existing reference folders incompatible
 
@@ -33,16 +33,17 @@ REFERENCES_FORMAT = 1  # bump when a change makes existing reference folders inc
 # Folder, manifest, reference set
 
 
-#: Appended to the victim's folder name for its distilled reference models (ReferenceRecipe.distill), which
-#: live beside the others: a run uses both sets.
-DISTILLED_SUFFIX = "-distilled"
+#: The order in which a run takes a victim's reference sets (each in its own folder, Distill.suffix): the
+#: imitations of the victim first, then the models trained on the records' labels.
+SET_ORDER = (Distill.POSTERIORS, Distill.LABELS, Distill.OFF)
 
 
 def references_folder(bundle_root: str | Path, victim: Victim, references_root: str | Path | None = None, *,
-                      distilled: bool = False) -> Path:
-    """``<references_root or <bundle>/references>/<victim.name>`` (+ DISTILLED_SUFFIX for ``distilled``)."""
+                      distill: Distill | str | bool = Distill.OFF) -> Path:
+    """``<references_root or <bundle>/references>/<victim.name>`` + the suffix of the set's kind
+    (Distill.suffix: "", "-distilled", "-distilled-labels"; a bool is read as Distill.of reads it)."""
     root = Path(references_root) if references_root is not None else Path(bundle_root) / "references"
-    return root / (victim.name + (DISTILLED_SUFFIX if distilled else ""))
+    return root / (victim.name + Distill.of(distill).suffix)
 
 
 def default_arch_dirs(bundle_root: str | Path) -> list[Path]:
@@ -300,14 +301,13 @@ class ReferenceSet:
 
 def load_reference_set(bundle_root: str | Path, victim: Victim, *, references_root: str | Path | None = None,
                        arch_dirs: list[Path] | None = None, rebuild_manifest: bool = True,
-                       distilled: bool = False) -> ReferenceSet | None:
-    """The victim's reference set as found on disk (its distilled one with ``distilled``), or None when there
-    is none.
+                       distill: Distill | str | bool = Distill.OFF) -> ReferenceSet | None:
+    """The victim's reference set of kind ``distill`` as found on disk, or None when there is none.
 
     Merges shards: the complete models are those on disk, whoever trained them, and manifest.json
     is rewritten from them (``rebuild_manifest``). Models of another recipe are ignored here.
     """
-    folder = references_folder(bundle_root, victim, references_root, distilled=distilled)
+    folder = references_folder(bundle_root, victim, references_root, distill=distill)
     header = _read_json(folder / "manifest.json")
     if header is None or header.get("format") != REFERENCES_FORMAT or not (folder / "masks.npy").is_file():
         return None

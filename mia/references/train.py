@@ -92,9 +92,10 @@ def train_references(
     ``cache_root(cache_dir)`` (mia.io.cache). ``time_budget``: wall seconds this call may spend training;
     after each model, the next is started only if the mean time per model so far says it will end within
     the budget (an estimate made before training can be off on a new device; the models already written
-    stay, and a later call resumes). ``recipe.distill``: every model trains on all the population records
-    (none of eval or test) towards the victim's posteriors (mia.training.train_classifier's teacher), in
-    the victim's folder + DISTILLED_SUFFIX (beside the other reference models; a run uses both).
+    stay, and a later call resumes). ``recipe.distill`` (POSTERIORS or LABELS): every model trains on all
+    the population records (none of eval or test) towards the victim's posteriors or predicted labels
+    (mia.training.train_classifier's teacher), in the victim's folder + Distill.suffix (beside the other
+    reference models; a run uses every set).
     Raises MIAError when the folder holds models of another recipe or pool, or a distilled recipe has no
     population records.
     """
@@ -114,10 +115,10 @@ def train_references(
     width = recipe.width or architecture.width
     pool = load_pool(victim, population, num_classes=num_classes, bundle_root=bundle_root,
                      cache_dir=cache_root(cache_dir))
-    masks = distill_masks(recipe.k, pool) if recipe.distill else make_masks(recipe.k, pool.n, recipe.seed)
+    masks = distill_masks(recipe.k, pool) if recipe.distilled else make_masks(recipe.k, pool.n, recipe.seed)
     header = make_header(victim, recipe, pool, num_classes, width, architecture, bundle_root)
 
-    folder = references_folder(bundle_root, victim, references_root, distilled=recipe.distill)
+    folder = references_folder(bundle_root, victim, references_root, distill=recipe.distill)
     folder.mkdir(parents=True, exist_ok=True)
     check_compatible(folder, header, masks)
     if not (folder / "masks.npy").is_file():
@@ -129,7 +130,7 @@ def train_references(
     wanted = set(range(recipe.k)) if only is None else set(only)
     todo = [j for j in range(recipe.k) if j % n_shard == i_shard and j not in complete and j in wanted]
     # the victim itself only where a distilled model is trained (a merge, only=(), builds nothing)
-    teacher = load_into(architecture, state_dict, victim.checkpoint) if recipe.distill and todo else None
+    teacher = load_into(architecture, state_dict, victim.checkpoint) if recipe.distilled and todo else None
     del state_dict
     trained = []
     started = time.perf_counter()
@@ -172,7 +173,7 @@ def train_references(
             log(f"{victim.name} model {j:03d}: OUT accuracy {pct(out_acc)}, IN accuracy {pct(in_acc)}, "
                 f"{seconds:.1f}s on {device}")
     ref_set = load_reference_set(bundle_root, victim, references_root=references_root, arch_dirs=arch_dirs,
-                                 distilled=recipe.distill)
+                                 distill=recipe.distill)
     assert ref_set is not None
     ref_set.trained = tuple(trained)
     return ref_set
