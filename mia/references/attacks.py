@@ -218,6 +218,11 @@ def _laplace_values(models: list[tuple[ReferenceSet, int]], views: tuple, target
 #: The posterior features that compare a record's IN and OUT models: dropped where no record has an IN model
 #: (distilled references), since their IN Gaussians are then the OUT ones and their scores constant.
 ONLINE_FEATURES = ("lira_online", "bmia_online")
+#: The label-only features that weigh a record's IN models' correctness against its OUT models': dropped
+#: where no record has an IN model among the models a label-only attack may use (label imitations alone),
+#: since their IN rate is then the prior's 1/2 for every record, no evidence at all (test AUC 47.9-51.3 % on
+#: the demo); 'noise_rate_offline' asks the offline question instead.
+LABEL_ONLINE_FEATURES = ("label_lira", "noise_lira")
 
 
 #: A reference model whose accuracy differs from the victim's by more than this (on the same held-out
@@ -329,10 +334,10 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
 
     The victim's reference sets are taken in SET_ORDER (``ReferenceRecipe.distill``, each in its own folder):
     the posterior imitations, the label imitations, then the others (``options.max_models`` counts them all).
-    Distilled models trained on none of the records: with no other models only the offline posterior
-    features are returned. The label-only features never use the posterior imitations (they learned the
-    victim's posteriors, which a label-only attack may not see); the label imitations learned only what a
-    label-only attacker can ask for, and serve every task."""
+    Distilled models trained on none of the records: with no other models only the offline features are
+    returned (no 'lira_online', 'bmia_online', 'label_lira', 'noise_lira'). The label-only features never
+    use the posterior imitations (they learned the victim's posteriors, which a label-only attack may not
+    see); the label imitations learned only what a label-only attacker can ask for, and serve every task."""
     eval_labels, test_labels = np.asarray(answers.eval_labels), np.asarray(answers.test_labels)
     view_names, noise_view_names = list(answers.view_names), answers.noise_view_names
     noise_predicted = (None if answers.eval_noise_labels is None and answers.test_noise_labels is None
@@ -386,6 +391,8 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
             label_only["noise_rate_offline"] = grouped_rate_offline(victim_noisy, ref_noisy, labels, groups)
         label_only["calibrated_noise_correct"] = (calibrated_aug_count(victim_noisy, ref_noisy, labels, label_masks)
                                                   / len(noise_view_names))
+    if by_labels.any() and not masks[by_labels].any():
+        label_only = {k: v for k, v in label_only.items() if k not in LABEL_ONLINE_FEATURES}
     return ReferenceFeatures(k=ref_logits.shape[0], posterior=_split(posterior, n_eval),
                              label_only=_split(label_only, n_eval), rmia=rmia, sanity=sanity,
                              laplace_prior=laplace_prior)
