@@ -25,6 +25,7 @@ from mia.core.reference_stats import (
 from mia.core.laplace import PRIOR_SCALES
 from mia.core.metrics import auc
 from mia.references.attacks import ReferenceOptions, VictimAnswers, victim_reference_features
+from mia.references.logits import penultimate_features, reference_features
 from mia.references import Distill, ReferenceRecipe, load_reference_set, make_masks, reference_logits, train_references
 from mia.scoring import FLIP, IDENTITY, compute_logits, noise_views
 
@@ -568,6 +569,11 @@ def test_label_distilled_references_feed_every_task(bundle, tmp_path):
     scored = reference_logits(ref_set, (IDENTITY,), device="cpu", scored_only=True)
     assert full.shape == (1, 1, 64 + 24, 10) and scored.shape == (1, 1, 64, 10)
     np.testing.assert_array_equal(scored, full[:, :, :64])
+    # the Laplace fit reads the population it trained on under the identity view only
+    feats, fit, weight, _ = reference_features(ref_set, 0, (IDENTITY, FLIP), device="cpu")
+    assert feats.shape[:2] == (2, 64) and fit.shape == (24, weight.shape[1])
+    direct = penultimate_features(ref_set.load_model(0), ref_set.load_pool().images[64:], (IDENTITY,), device="cpu")
+    np.testing.assert_allclose(fit, direct[0], rtol=1e-5, atol=1e-5)
     ev_logits, te_logits, ev_labels, te_labels, names = _victim_logits(bundle)
     membership = load_records(victim.eval_path, with_membership=True).membership
     queries = noise_views((0.1, 0.2), 2)

@@ -374,14 +374,15 @@ def test_reference_logits_are_cached_per_precision(trained, monkeypatch):
 
 def test_reference_features_are_the_heads_input_and_cached_when_small(trained, tmp_path, monkeypatch):
     _, ref_set = trained
-    feats, weight, bias = ref_logits.reference_features(ref_set, 1, (IDENTITY, FLIP), device="cpu",
-                                                        cache_dir=tmp_path)
+    feats, fit, weight, bias = ref_logits.reference_features(ref_set, 1, (IDENTITY, FLIP), device="cpu",
+                                                             cache_dir=tmp_path)
     assert feats.shape == (2, 64, weight.shape[1]) and feats.dtype == np.float32 and bias.shape == (10,)
     logits = reference_logits(ref_set, (IDENTITY, FLIP), device="cpu", cache_dir=tmp_path)[1]
     np.testing.assert_allclose(feats @ weight.T + bias, logits, rtol=1e-4, atol=1e-4)  # the head's input
-    assert len(list((tmp_path / "logits").glob("reference-features-*.npz"))) == 1
+    np.testing.assert_array_equal(fit, feats[0][ref_set.masks[1]])  # the records it trained on, identity view
+    assert len(list((tmp_path / "logits").glob("reference-features-*.npz"))) == 1  # no population: one array
     monkeypatch.setattr(ref_logits, "FEATURES_CACHE_BYTES", 0)  # too large to keep: recomputed, not cached
-    again, _, _ = ref_logits.reference_features(ref_set, 2, (IDENTITY,), device="cpu", cache_dir=tmp_path)
+    again, _, _, _ = ref_logits.reference_features(ref_set, 2, (FLIP,), device="cpu", cache_dir=tmp_path)
     assert again.shape == (1, 64, weight.shape[1])
     assert len(list((tmp_path / "logits").glob("reference-features-*.npz"))) == 1
 

@@ -20,7 +20,6 @@ from mia.io.cache import file_digest
 from mia.references.logits import reference_features, reference_logits, views_from_names
 from mia.references.recipe import Distill
 from mia.references.store import SET_ORDER, ReferenceSet, load_reference_set
-from mia.scoring import IDENTITY
 
 __all__ = ["ReferenceFeatures", "ReferenceOptions", "VictimAnswers", "victim_reference_features"]
 
@@ -191,18 +190,16 @@ def _laplace_values(models: list[tuple[ReferenceSet, int]], views: tuple, target
     of ``masks``. The prior scale is the one of PRIOR_SCALES whose offline scores rank the eval records best
     by AUC (the first of them without the eval membership)."""
     n = len(labels)
-    first = views.index(IDENTITY) if IDENTITY in views else 0
     scales = PRIOR_SCALES if eval_membership is not None else PRIOR_SCALES[:1]
     means = np.empty((len(scales), len(models), len(views), n))
     variances = np.empty_like(means)
     for k, (ref_set, j) in enumerate(models):
-        feats, weight, bias = reference_features(ref_set, j, views, device=o.device, batch_size=o.batch_size,
-                                                 cache=o.cache, cache_dir=o.cache_dir)
-        trained = feats[first][ref_set.masks[j]]
+        feats, trained, weight, bias = reference_features(ref_set, j, views, device=o.device,
+                                                          batch_size=o.batch_size, cache=o.cache, cache_dir=o.cache_dir)
         for t, scale in enumerate(scales):
             laplace = fit_last_layer_laplace(trained, weight, bias, scale)
             for v in range(len(views)):
-                means[t, k, v], variances[t, k, v] = statistic_moments(laplace, feats[v, :n], labels)
+                means[t, k, v], variances[t, k, v] = statistic_moments(laplace, feats[v], labels)
     target_phi = np.stack([sig.logit_scaled_confidence(z, labels) for z in target])  # (V, n)
     best = None
     for t, scale in enumerate(scales):

@@ -147,25 +147,43 @@ def penultimate_features(model: torch.nn.Module, images: np.ndarray, views: tupl
 
 def reference_features(ref_set: ReferenceSet, j: int, views: tuple[View, ...], device: str = "auto",
                        batch_size: int = 256, *, cache: bool = True, cache_dir: str | Path | None = None,
-                       pool: Pool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Reference model j's penultimate features on the whole pool under ``views`` -> ((V, N_pool, D) float32,
-    head weight (C, D), head bias (C,) or None). The features are cached like the logits when they take at
-    most FEATURES_CACHE_BYTES (a 4,096-wide head on a large pool would take gigabytes: recomputed instead)."""
+                       pool: Pool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Reference model j's penultimate features -> (scored (V, n_eval + n_test, D) float32: the scored records
+    under ``views``; trained (N_trained, D) float32: the records it trained on, in pool order, under the
+    identity view (the first of ``views`` without one); head weight (C, D); head bias (C,) or None).
+
+    Only what the Laplace attack reads is computed: the population records under one view, not all of
+    them (a distilled set's population is often many times the scored records). Each array is cached like
+    the logits when it takes at most FEATURES_CACHE_BYTES (a 4,096-wide head on a large pool would take
+    gigabytes: recomputed instead)."""
     model = ref_set.load_model(j)
     weight, bias = head_parameters(model)
-    small = len(views) * ref_set.n_pool * weight.shape[1] * 4 <= FEATURES_CACHE_BYTES
     root = cache_root(cache_dir) if cache else None
-    path = (_logits_cache_path(root, ref_set, j, views, device=device, what=";features")
-            if root is not None and small else None)
+    n, width = ref_set.n_eval + ref_set.n_test, weight.shape[1]
+    fit_view = IDENTITY if IDENTITY in views else views[0]
+    inside = np.asarray(ref_set.masks[j], dtype=bool)
+    population = np.flatnonzero(inside[n:]) + n  # the population records it trained on
 
-    def compute() -> np.ndarray:
-        images = (pool if pool is not None else ref_set.load_pool(cache_dir=root)).images
-        return penultimate_features(model, images, views, device=device, batch_size=batch_size)
+    def features(what: str, rows: np.ndarray | slice, these: tuple[View, ...], count: int) -> np.ndarray:
+        small = len(these) * count * width * 4 <= FEATURES_CACHE_BYTES
+        path = (_logits_cache_path(root, ref_set, j, these, device=device, what=what)
+                if root is not None and small else None)
 
-    def valid(a: np.ndarray) -> bool:
-        return (a.ndim == 3 and a.shape[:2] == (len(views), ref_set.n_pool) and a.dtype == np.float32
-                and bool(np.isfinite(a).all()))
+        def compute() -> np.ndarray:
+            images = (pool if pool is not None else ref_set.load_pool(cache_dir=root)).images[rows]
+            return penultimate_features(model, images, these, device=device, batch_size=batch_size)
 
-    arr, _ = cached_array(path, compute, valid, {"format": LOGITS_FORMAT, "views": [v.name for v in views],
-                                                 "features": True})
-    return arr, weight, bias
+        def valid(a: np.ndarray) -> bool:
+            return (a.ndim == 3 and a.shape[:2] == (len(these), count) and a.dtype == np.float32
+                    and bool(np.isfinite(a).all()))
+
+        arr, _ = cached_array(path, compute, valid, {"format": LOGITS_FORMAT, "views": [v.name for v in these],
+                                                     "features": what})
+        return arr
+
+    scored = features(";features;scored", slice(0, n), tuple(views), n)
+    trained = scored[list(views).index(fit_view)][inside[:n]]
+    if len(population):
+        trained = np.concatenate([trained, features(";features;population", population, (fit_view,),
+                                                    len(population))[0]])
+    return scored, trained, weight, bias
