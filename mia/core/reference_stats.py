@@ -346,14 +346,17 @@ def rmia_scores(target_log_p: np.ndarray, reference_log_p: np.ndarray, in_mask: 
 
 
 def _label_only_inputs(victim_predicted, reference_predicted, labels, in_mask):
-    """Validated (victim (V, n) int, references (K, V, n) int, labels (n,), in_mask (K, n) bool)."""
+    """Validated (victim (V, n) int, references (K, V, n) int, labels (n,), in_mask (K, n) bool or None where
+    the caller has no masks)."""
     victim_predicted = integer_labels(victim_predicted, "victim_predicted")
     reference_predicted = integer_labels(reference_predicted, "reference_predicted")
     labels = np.asarray(labels)
-    in_mask = np.asarray(in_mask, dtype=bool)
     if reference_predicted.ndim != 3 or reference_predicted.shape[1:] != victim_predicted.shape:
         raise ValueError(f"reference_predicted must be (K, V, n) with (V, n) = {victim_predicted.shape}, "
                          f"got {reference_predicted.shape}")
+    if in_mask is None:
+        return victim_predicted, reference_predicted, labels, None
+    in_mask = np.asarray(in_mask, dtype=bool)
     if in_mask.shape != (reference_predicted.shape[0], reference_predicted.shape[2]):
         raise ValueError(f"in_mask must be (K, n) = {(reference_predicted.shape[0], reference_predicted.shape[2])}")
     return victim_predicted, reference_predicted, labels, in_mask
@@ -429,8 +432,7 @@ def grouped_rate_offline(victim_predicted: np.ndarray, reference_predicted: np.n
     train on it. Shapes as for ``grouped_rate_llr`` (no in_mask: every model is OUT)."""
     from scipy.stats import binom  # here: scipy costs 0.4 s to import
     victim_predicted, reference_predicted, labels, _ = _label_only_inputs(
-        victim_predicted, reference_predicted, labels,
-        np.zeros((np.shape(reference_predicted)[0], np.shape(reference_predicted)[-1]), dtype=bool))
+        victim_predicted, reference_predicted, labels, None)
     sizes, rates, correct = _group_rates(victim_predicted, reference_predicted, labels, groups, prior)
     log_tail = binom.logsf(correct - 1, np.broadcast_to(sizes, correct.shape), rates.mean(axis=0))  # Pr[X >= c]
     return -np.minimum(log_tail, 0.0).sum(axis=0)

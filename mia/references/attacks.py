@@ -64,7 +64,7 @@ class _Loaded:
     @property
     def by_labels(self) -> np.ndarray:
         """(K,) bool: the models a label-only attack may use (all but the posterior imitations)."""
-        return np.array([d is not Distill.POSTERIORS for d in self.distill], dtype=bool)
+        return np.array([d.serves_labels for d in self.distill], dtype=bool)
 
 
 def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view_names: list[str], *, min_models: int,
@@ -92,7 +92,7 @@ def _load_references(bundle_root, victim: Victim, n_eval: int, n_test: int, view
                                        progress=progress, cache=cache, cache_dir=cache_dir, precision=precision,
                                        scored_only=True))
         masks.append(subset.complete_masks()[:, :n])
-        if noise_view_names is not None and ref_set.recipe.distill is not Distill.POSTERIORS:
+        if noise_view_names is not None and ref_set.recipe.distill.serves_labels:
             noisy.append(reference_logits(subset, views_from_names(noise_view_names), device=device,
                                           batch_size=batch_size, progress=progress, labels_only=True, cache=cache,
                                           cache_dir=cache_dir, precision=precision, scored_only=True))
@@ -358,6 +358,8 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
         return None
     ref_logits, masks, ref_noisy = loaded.logits, loaded.masks, loaded.noisy
     by_labels = loaded.by_labels  # the models a label-only attack may use
+    label_masks = masks[by_labels]
+    label_has_in = bool(label_masks.any())  # else: label imitations alone, only the offline label-only tests
     labels = np.concatenate([eval_labels, test_labels])
     target = _victim_logits(answers.eval_logits, answers.test_logits, len(view_names), n_eval + n_test)
     eval_membership = None if answers.eval_membership is None else np.asarray(answers.eval_membership)
@@ -378,17 +380,16 @@ def victim_reference_features(bundle_root: str | Path, victim: Victim, answers: 
     if not masks.any():  # no record IN for any model (distilled ones): the online tests' Gaussians coincide
         posterior = {k: v for k, v in posterior.items() if k not in ONLINE_FEATURES}
     if noise_view_names is not None and ref_noisy is not None:
-        label_masks = masks[by_labels]
         label_only["noise_lira"] = label_lira(victim_noisy, ref_noisy, labels, label_masks)
         keys = [(v.flip, v.noise) for v in views_from_names(noise_view_names)]  # exchangeable: same view and level
         groups = np.array([sorted(set(keys)).index(key) for key in keys])
-        if label_masks.any():
+        if label_has_in:
             label_only["noise_rate_lr"] = grouped_rate_llr(victim_noisy, ref_noisy, labels, label_masks, groups)
         else:  # label-distilled models only: no record has an IN model, the offline test instead
             label_only["noise_rate_offline"] = grouped_rate_offline(victim_noisy, ref_noisy, labels, groups)
         label_only["calibrated_noise_correct"] = (calibrated_aug_count(victim_noisy, ref_noisy, labels, label_masks)
                                                   / len(noise_view_names))
-    if by_labels.any() and not masks[by_labels].any():
+    if by_labels.any() and not label_has_in:
         label_only = {k: v for k, v in label_only.items() if k not in LABEL_ONLINE_FEATURES}
     return ReferenceFeatures(k=ref_logits.shape[0], posterior=_split(posterior, n_eval),
                              label_only=_split(label_only, n_eval), rmia=rmia, sanity=sanity,

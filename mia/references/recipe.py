@@ -34,6 +34,11 @@ class Distill(StrEnum):
             raise MIAError(f"distill must be one of {[d.value for d in cls]}, got {value!r}") from None
 
     @property
+    def serves_labels(self) -> bool:
+        """A label-only attack may use these models: all but the posterior imitations."""
+        return self is not Distill.POSTERIORS
+
+    @property
     def suffix(self) -> str:
         """Appended to the victim's folder name: each kind of reference set has its own folder."""
         return {Distill.OFF: "", Distill.POSTERIORS: "-distilled", Distill.LABELS: "-distilled-labels"}[self]
@@ -71,10 +76,10 @@ class ReferenceRecipe:
 
     def validate(self) -> None:
         """Raise MIAError on a recipe that cannot be trained."""
-        if self.distilled and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+        not_int = isinstance(self.k, bool) or not isinstance(self.k, int)
+        if self.distilled and (not_int or self.k < 1):
             raise MIAError(f"k must be a positive integer, got {self.k!r}")
-        if not self.distilled and (isinstance(self.k, bool) or not isinstance(self.k, int)
-                                 or (self.k != 1 and (self.k < 2 or self.k % 2))):
+        if not self.distilled and (not_int or (self.k != 1 and (self.k < 2 or self.k % 2))):
             raise MIAError(f"k must be 1 or an even number >= 2 (each record is IN for exactly k/2 models), "
                            f"got {self.k!r}")
         if self.epochs < 1 or self.batch_size < 2:
