@@ -71,6 +71,10 @@ class RunConfig:
     reference_budget: float = 600.0  # seconds of reference-model training a run on CUDA may spend on a victim that
     #   has none (as many models as fit: 1, or an even number); 0 = never. On a CPU the run only says what one
     #   would cost
+    population: str | None = None  # records of the victims' distribution outside their eval and test files (a
+    #   .p file or a folder of them, records [image, label]): on CUDA a victim without reference models first
+    #   gets one distilled from its predicted labels on them (mia.references.auto), then standard ones with
+    #   what is left of reference_budget; on a CPU the run names the command that trains it
     reference_models: int | None = None  # use at most this many of a victim's complete reference models (the
     #   first ones, its distilled ones first); None = all. Measures an attack at a smaller budget without retraining
     reference_views: str = "flip"  # views the references are queried on (those of `views` in this set): each
@@ -93,6 +97,8 @@ class RunConfig:
                                                   or not isinstance(self.reference_models, int)
                                                   or self.reference_models < 1):
             raise ValueError(f"reference_models must be a positive int or None, got {self.reference_models!r}")
+        if self.population is not None:
+            self.population = str(self.population)
         if self.reference_views not in ("identity", "flip", "standard"):
             raise ValueError(f"reference_views must be 'identity', 'flip' or 'standard', got {self.reference_views!r}")
         self.label_noise = tuple(float(s) for s in self.label_noise)

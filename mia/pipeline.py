@@ -17,11 +17,10 @@ from mia import attacks
 from mia.selection import Selection, select
 from mia.bundle import Bundle, Victim, discover, select_victims
 from mia.config import RunConfig, TaskConfig
-from mia.devices import resolve_device
 from mia.io.cache import cache_root
 from mia.io.records import Records
 from mia.errors import DataError, MIAError
-from mia.inspection import format_duration, load_victim, measure_seconds_per_image, summarize_victim
+from mia.inspection import load_victim, summarize_victim
 from mia.models.loading import VictimModelInfo, builder_key
 from mia.models.registry import REPO_ARCH_DIR
 from mia.scoring import VIEW_SETS, View, cached_logits, compute_logits, logits_cache_path, noise_views, precision_tag
@@ -177,6 +176,7 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         data.test_noise_labels = scores("test", test_recs, noise_queries, " noisy", labels_only=True)[0]
     if config.references:
         from mia.references.attacks import ReferenceOptions, VictimAnswers, victim_reference_features
+        from mia.references.auto import train_missing_references
 
         # the references are queried on the victim's views that are also in config.reference_views
         allowed = {v.name for v in VIEW_SETS[config.reference_views]}
@@ -190,8 +190,9 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
                                    progress=progress, cache=config.cache, cache_dir=config.cache_dir,
                                    max_models=config.reference_models)
         ref = victim_reference_features(bundle.root, victim, answers, options)
-        if ref is None and _train_missing_references(victim, bundle, config, model, eval_recs, test_recs, len(idx),
-                                                     seconds_per_image, progress, log):
+        if ref is None and train_missing_references(victim, bundle, config, model, eval_recs.images,
+                                                    len(eval_recs) + len(test_recs), len(idx), seconds_per_image,
+                                                    info.num_classes, progress, log):
             ref = victim_reference_features(bundle.root, victim, answers, options)
         if ref is not None:  # the label-only features come from the victim's predicted labels only
             data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k
@@ -205,61 +206,6 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
                         f"weaken LiRA/RMIA (match its epochs, augmentation, width)")
     data.seconds = time.perf_counter() - t0
     return data
-
-
-def _trains_references(device) -> bool:
-    """Whether a run trains missing reference models itself (on an accelerator; a CPU only estimates)."""
-    return resolve_device(device).type == "cuda"
-
-
-def _train_missing_references(victim: Victim, bundle: Bundle, config: RunConfig, model, eval_recs: Records,
-                              test_recs: Records, n_views: int, seconds_per_image: float | None, progress: bool,
-                              log) -> bool:
-    """A victim without reference models: on CUDA, train as many as ``config.reference_budget`` allows (at
-    least 1; returns True when it trained); elsewhere log how to train 1 and, when this run measured the
-    victim's forward time (``seconds_per_image``: it had something to score), what they would cost. A warm
-    CPU run times no forward pass for it."""
-    from mia.references import ReferenceRecipe, train_references
-    from mia.references.budget import affordable_k, reference_cost
-
-    device = resolve_device(config.device)
-    trains = _trains_references(device) and config.reference_budget > 0
-    if not trains:
-        if log is not None:
-            command = f"`python -m mia references --k 1 --victims {victim.name}`"
-            if seconds_per_image is None:  # nothing was scored: no forward pass timed for an estimate
-                cost = f"{command} trains one (`mia inspect` estimates its cost)"
-            else:
-                seconds = reference_cost(seconds_per_image, len(eval_recs) + len(test_recs), ReferenceRecipe(),
-                                             n_views).seconds
-                cost = f"one would take about {format_duration(seconds)} on {device}: {command}"
-            log(f"{victim.name}: no reference models; {cost}, then run again (LiRA and RMIA join the candidates). "
-                f"With records of the victim's distribution that are not its eval or test records, `--distill "
-                f"labels --population DIR` instead trains one that imitates the victim, stronger for every task")
-        return False
-    recipe = ReferenceRecipe(device=str(device))
-    # timed in bf16: the references train in bf16 autocast on CUDA (mia.training), whatever the scoring precision
-    cost = reference_cost(measure_seconds_per_image(model, eval_recs.images, device, "bf16"),
-                          len(eval_recs) + len(test_recs), recipe, n_views)
-    k = affordable_k(config.reference_budget, cost)
-    if k < 1:
-        if log is not None:
-            log(f"{victim.name}: no reference models; one would take about {format_duration(cost.seconds)} on {device}, "
-                f"more than --reference-budget {config.reference_budget:g} s: `python -m mia references --k 1 "
-                f"--victims {victim.name}`")
-        return False
-    if log is not None:
-        log(f"{victim.name}: training {k} reference models (about {format_duration(k * cost.seconds)} of the "
-            f"{format_duration(config.reference_budget)} budget) on {device}")
-    try:
-        train_references(bundle.root, victim, dataclasses.replace(recipe, k=k), progress=progress,
-                         arch_dirs=bundle.arch_dirs, trust=config.trust_checkpoints, cache_dir=config.cache_dir,
-                         time_budget=config.reference_budget, log=log)
-    except MIAError as e:  # e.g. a folder holding another recipe's unfinished set: the run goes on without
-        if log is not None:
-            log(f"{victim.name}: no reference models trained ({e}); the run goes on without them")
-        return False
-    return True
 
 
 @dataclass

@@ -437,7 +437,7 @@ def test_reference_models_answer_in_the_runs_precision(tiny_bundle, tmp_path, mo
     seen = []
     monkeypatch.setattr(reference_attacks, "victim_reference_features",
                         lambda root, victim, answers, options: seen.append(options) or None)
-    monkeypatch.setattr("mia.pipeline._train_missing_references", lambda *args, **kwargs: False)
+    monkeypatch.setattr("mia.references.auto.train_missing_references", lambda *args, **kwargs: False)
     run(tiny_bundle, RunConfig(victims=("vgg16_fashionmnist",), plots=False, label_noise=(), views="identity",
                                precision=precision, cache_dir=str(tmp_path / "cache")), progress=False, log=None)
     assert [o.precision for o in seen] == [precision]

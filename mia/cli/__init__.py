@@ -70,6 +70,7 @@ def _run_config(args) -> RunConfig:
         references=args.references == "auto" and not args.no_references,
         reference_budget=args.reference_budget,
         reference_models=args.reference_models,
+        population=args.population,
         score_ranking=args.scores == "ranking",
         reference_views=args.reference_views,
         label_noise=_parse_noise_levels(args.label_noise),
@@ -119,6 +120,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-budget", type=float, default=d.reference_budget, metavar="SECONDS",
                    help="on CUDA, a victim without reference models gets as many as this much training allows (at "
                         f"least 1; 0 = never; default {d.reference_budget:g}); on a CPU the run says what 1 would cost")
+    p.add_argument("--population", default=d.population, metavar="DIR",
+                   help="records of the victims' distribution that are not their eval or test records (a .p file "
+                        "or a folder of them): on CUDA a victim without reference models first gets one distilled "
+                        "from its predicted labels on them (the strongest single reference, for every task), "
+                        "within --reference-budget; on a CPU the run says what it would cost")
     p.add_argument("--reference-models", type=int, default=d.reference_models, metavar="K",
                    help="use at most the first K complete reference models of each victim, its distilled ones first "
                         "(default: all); measures "

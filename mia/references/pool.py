@@ -60,6 +60,12 @@ def load_population_file(path: Path, num_classes: int | None) -> Records:
     return records_from_objects(obj, path=path, with_membership=False, num_classes=num_classes)
 
 
+def population_size(population: str | Path, num_classes: int | None = None) -> int:
+    """Records in a population file or folder (before scored copies are dropped): what a distilled
+    reference would train on. Raises MIAError / DataError as load_pool does."""
+    return sum(len(load_population_file(p, num_classes)) for p in _population_files(Path(population)))
+
+
 def relative_path(path: Path, root: Path | None) -> str:
     """``path`` relative to ``root`` when inside it (bundles can move), else absolute."""
     path = Path(path).resolve()
