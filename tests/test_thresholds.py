@@ -358,3 +358,15 @@ def test_consistent_ranking_always_gives_the_predictions(records):
     np.testing.assert_array_equal((scores >= t).astype(int), pred)
     agree = (rank >= t) == pred.astype(bool)
     np.testing.assert_array_equal(scores[agree], rank[agree])  # records on the right side keep their scores
+
+
+def test_half_precision_tensors_are_read_exactly():
+    # bf16 has no numpy dtype: 0.1 in bf16 is 0.10009765625 = 205 / 2048, kept exactly in float32
+    import torch
+
+    from mia.core.arrays import to_numpy
+
+    x = torch.tensor([0.1, -2.5], dtype=torch.bfloat16)
+    out = to_numpy(x)
+    assert out.dtype == np.float32 and out.tolist() == [205 / 2048, -2.5]
+    assert to_numpy([1, 0]).tolist() == [1, 0]

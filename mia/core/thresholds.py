@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mia.core.arrays import to_numpy
 from mia.core.folds import stratified_folds
 
 __all__ = [
@@ -75,18 +76,9 @@ class ClassThresholds:
         return np.asarray(per_label, dtype=np.float64)[inverse.reshape(lab.shape)]
 
 
-def _to_numpy(x: object) -> np.ndarray:
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor
-        x = x.detach().cpu()
-        if x.dtype.is_floating_point and x.dtype.itemsize < 4:  # bf16 / fp16: numpy has no bf16
-            x = x.double()
-        x = x.numpy()
-    return np.asarray(x)
-
-
 def _as_scores(scores: object, *, allow_empty: bool = True) -> np.ndarray:
     """Scores as an (n,) float64 array without NaN (+-inf allowed)."""
-    s = _to_numpy(scores)
+    s = to_numpy(scores)
     if s.ndim != 1:
         raise ValueError(f"scores must have shape (n,), got shape {s.shape}")
     if s.size and s.dtype.kind not in "fiub":
@@ -101,7 +93,7 @@ def _as_scores(scores: object, *, allow_empty: bool = True) -> np.ndarray:
 
 def _as_binary(x: object, n: int | None, name: str) -> np.ndarray:
     """0/1 labels (membership or predictions) as an (n,) int64 array (any length if n is None)."""
-    m = _to_numpy(x)
+    m = to_numpy(x)
     if m.ndim != 1:
         raise ValueError(f"{name} must have shape (n,), got shape {m.shape}")
     if n is not None and m.shape[0] != n:
@@ -114,7 +106,7 @@ def _as_binary(x: object, n: int | None, name: str) -> np.ndarray:
 
 
 def _as_labels(x: object, n: int) -> np.ndarray:
-    lab = _to_numpy(x)
+    lab = to_numpy(x)
     if lab.ndim != 1 or lab.shape[0] != n:
         raise ValueError(f"labels must have shape ({n},) to match the scores, got {lab.shape}")
     if lab.size and lab.dtype.kind not in "iu":

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mia.core.arrays import to_numpy
 from mia.errors import DataError
 from mia.io.atomic import atomic_write
 from mia.io.cache import cached_arrays, file_digest
@@ -325,15 +326,6 @@ def _check_label_range(labels: np.ndarray, num_classes: int, path: Path | None) 
 
 # --------------------------------------------------------------------------- writing
 
-def _to_numpy(values: object) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu()
-        if values.dtype.is_floating_point and values.dtype.itemsize < 4:  # bf16 / fp16: numpy has no bf16
-            values = values.float()
-        return values.numpy()
-    return np.asarray(values)
-
-
 def save_records(
     path: str | Path,
     images: np.ndarray | torch.Tensor | Sequence[Any],
@@ -350,17 +342,17 @@ def save_records(
     ``records_from_objects`` first, so whatever is written loads back with ``load_records``.
     """
     path = Path(path)
-    image_array = _to_numpy(images)
+    image_array = to_numpy(images)
     if image_array.dtype.kind not in "fiu" or image_array.ndim != 4:
         raise DataError(f"images must be a real-valued (n, C, H, W) array, found {_describe(image_array)}",
                         path=path)
     with np.errstate(over="ignore", invalid="ignore"):
         image_array = image_array.astype(np.float32, copy=False)  # overflow -> inf, refused below
     n = image_array.shape[0]
-    label_array = _to_numpy(labels)
+    label_array = to_numpy(labels)
     if label_array.shape != (n,):
         raise DataError(f"labels must have shape ({n},), found {label_array.shape}", path=path)
-    member_array = None if membership is None else _to_numpy(membership)
+    member_array = None if membership is None else to_numpy(membership)
     if member_array is not None and member_array.shape != (n,):
         raise DataError(f"membership must have shape ({n},), found {member_array.shape}", path=path)
 
