@@ -15,13 +15,18 @@ from dataclasses import dataclass
 
 from mia.references.recipe import ReferenceRecipe
 
-__all__ = ["MIN_DISTILLED_EPOCHS", "TRAIN_FORWARD_RATIO", "ReferenceCost", "affordable_k", "distilled_epochs",
+__all__ = ["DISTILLED_TRAIN_FACTOR", "MIN_DISTILLED_EPOCHS", "TRAIN_FORWARD_RATIO", "ReferenceCost", "affordable_k", "distilled_epochs",
            "reference_cost"]
 
 #: Seconds of training per image / seconds of inference per image (batch 128 with SGD against the forward
 #: timing of mia.inspection), measured on the demo victims on the 2-core CPU, 2026-12-03: MobileNetV2 4.3,
 #: ResNet34 3.0, VGG16 3.7 (docs/performance.md). An estimate, good to a few tens of percent.
 TRAIN_FORWARD_RATIO = 4.0
+
+#: A distilled model's training step also runs the victim forward on the batch: its time per training image
+#: against a standard model's, measured on the demo's three victims on the 2-core CPU (753 s against 532 s,
+#: 2026-12-04, docs/performance.md).
+DISTILLED_TRAIN_FACTOR = 1.42
 
 #: The fewest epochs ``distilled_epochs`` gives: the fewest measured (48,000 population records x 2 epochs
 #: on the demo victims, docs/results.md, 2026-12-05).
@@ -44,15 +49,16 @@ def reference_cost(seconds_per_image: float, n_pool: int, recipe: ReferenceRecip
                    n_population: int = 0) -> ReferenceCost:
     """The cost of one reference model from the victim's forward time per image (seconds_per_image),
     the number of scored records (eval + test: n_pool), the number of reference views and, for a distilled
-    recipe, the number of population records it trains on (a standard one trains on half the pool)."""
-    per_epoch = n_population if recipe.distilled else n_pool / 2
+    recipe, the number of population records it trains on (a standard one trains on half the pool), each
+    DISTILLED_TRAIN_FACTOR times as costly."""
+    per_epoch = n_population * DISTILLED_TRAIN_FACTOR if recipe.distilled else n_pool / 2
     train = recipe.epochs * per_epoch * TRAIN_FORWARD_RATIO * seconds_per_image
     return ReferenceCost(train_seconds=train, query_seconds=n_pool * n_views * seconds_per_image)
 
 
 def distilled_epochs(epochs: int, n_pool: int, n_population: int) -> int:
     """Epochs of a distilled reference on ``n_population`` records that see as many training images as a
-    standard one of ``epochs`` epochs on half the ``n_pool`` eval + test records (its cost), and at least
+    standard one of ``epochs`` epochs on half the ``n_pool`` eval + test records, and at least
     MIN_DISTILLED_EPOCHS. On the demo victims the population's size mattered more than the epochs at equal
     cost (2,000 x 25, 8,000 x 8, 24,000 x 3: TPR@1% 5.4, 8.4, 9.7 %)."""
     if n_population < 1:
