@@ -192,7 +192,7 @@ def score_victim(victim: Victim, bundle: Bundle, config: RunConfig, *, progress:
         ref = victim_reference_features(bundle.root, victim, answers, options)
         if ref is None and train_missing_references(victim, bundle, config, model, eval_recs.images,
                                                     len(eval_recs) + len(test_recs), len(idx), seconds_per_image,
-                                                    info.num_classes, progress, log):
+                                                    progress, log):
             ref = victim_reference_features(bundle.root, victim, answers, options)
         if ref is not None:  # the label-only features come from the victim's predicted labels only
             data.reference, data.reference_label, data.n_reference_models = ref.posterior, ref.label_only, ref.k

@@ -406,3 +406,17 @@ def test_cli_shard_then_merge(tiny_bundle, copy_bundle, tmp_path, capsys):
     assert "2 of 2 reference models complete" in capsys.readouterr().out
     assert (root / "references" / VICTIM / "manifest.json").is_file()
     assert not (root / "references" / "resnet34_fashionmnist").exists()  # --victims
+
+
+def test_population_size_reads_each_file_once_until_it_changes(tmp_path, monkeypatch):
+    import mia.references.pool as pool_module
+
+    _write_population(tmp_path / "pop" / "a.p", n=3)
+    _write_population(tmp_path / "pop" / "b.p", n=2, with_membership=False)
+    reads = []
+    real = pool_module.load_population_file
+    monkeypatch.setattr(pool_module, "load_population_file", lambda path, n: reads.append(path.name) or real(path, n))
+    assert pool_module.population_size(tmp_path / "pop") == 5
+    assert pool_module.population_size(tmp_path / "pop") == 5 and sorted(reads) == ["a.p", "b.p"]  # once each
+    _write_population(tmp_path / "pop" / "b.p", n=4, with_membership=False)  # a new file: read again
+    assert pool_module.population_size(tmp_path / "pop") == 7 and sorted(reads) == ["a.p", "b.p", "b.p"]

@@ -41,7 +41,7 @@ def distilled_recipe(n_scored: int, n_population: int, device: str = "auto") -> 
 
 def train_missing_references(victim: Victim, bundle: Bundle, config: RunConfig, model: torch.nn.Module,
                              eval_images, n_scored: int, n_views: int, seconds_per_image: float | None,
-                             num_classes: int, progress: bool, log: Callable[[str], None] | None) -> bool:
+                             progress: bool, log: Callable[[str], None] | None) -> bool:
     """A victim without reference models: on CUDA, train what ``config.reference_budget`` allows (returns
     True when any model was trained); elsewhere log how to train one and, when this run measured the
     victim's forward time (``seconds_per_image``: it had something to score), what it would cost. A warm
@@ -49,7 +49,7 @@ def train_missing_references(victim: Victim, bundle: Bundle, config: RunConfig, 
     ``n_scored``: eval + test records."""
     say = log if log is not None else (lambda line: None)
     device = resolve_device(config.device)
-    n_population = _population_size(victim, config, num_classes, say)
+    n_population = _population_size(victim, config, say)
     if not (trains_references(device) and config.reference_budget > 0):
         say(_hint(victim, config, device, n_scored, n_views, seconds_per_image, n_population))
         return False
@@ -83,13 +83,13 @@ def train_missing_references(victim: Victim, bundle: Bundle, config: RunConfig, 
     return _train(victim, bundle, config, dataclasses.replace(recipe, k=k), left, progress, say) or trained
 
 
-def _population_size(victim: Victim, config: RunConfig, num_classes: int, say) -> int:
+def _population_size(victim: Victim, config: RunConfig, say) -> int:
     """Records in ``config.population`` (0 without one, or when it cannot be read: said, and the run goes on
     as without it)."""
     if config.population is None:
         return 0
     try:
-        return population_size(config.population, num_classes)
+        return population_size(config.population)
     except (MIAError, DataError) as e:
         say(f"{victim.name}: the population cannot be used ({e}); no distilled reference")
         return 0

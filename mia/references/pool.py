@@ -1,6 +1,7 @@
 """The pool of known-label records reference models train on, and the IN/OUT masks (LiRA's design)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +61,23 @@ def load_population_file(path: Path, num_classes: int | None) -> Records:
     return records_from_objects(obj, path=path, with_membership=False, num_classes=num_classes)
 
 
-def population_size(population: str | Path, num_classes: int | None = None) -> int:
+def population_size(population: str | Path) -> int:
     """Records in a population file or folder (before scored copies are dropped): what a distilled
-    reference would train on. Raises MIAError / DataError as load_pool does."""
-    return sum(len(load_population_file(p, num_classes)) for p in _population_files(Path(population)))
+    reference would train on. Each file is read once per process while its size and modification time stay
+    the same (a run asks for every victim; one population usually serves them all). Raises MIAError /
+    DataError as load_pool does."""
+    return sum(_file_records(str(p), *_stamp(p)) for p in _population_files(Path(population)))
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _file_records(path: str, size: int, mtime_ns: int) -> int:
+    """Records in one population file (size and mtime_ns: part of the cache key only)."""
+    return len(load_population_file(Path(path), None))
 
 
 def relative_path(path: Path, root: Path | None) -> str:
