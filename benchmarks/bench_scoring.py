@@ -37,9 +37,9 @@ import torch
 
 from benchmarks import BenchResult, Check, best_ratio, fmt, interleaved, markdown_table, pair_ratio
 from mia.models.registry import REPO_ARCHITECTURES, repo_builder
-from mia.devices import resolve_device
+from mia.devices import ieee_fp32, resolve_device
 from mia.inspection import flops_per_image
-from mia.scoring import IDENTITY, compute_logits, ieee_fp32
+from mia.scoring import IDENTITY, compute_logits
 from mia.core.signals import all_signals
 
 ARCHS = ("resnet34", "vgg16", "mobilenetv2")

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from mia.io.checkpoints import save_checkpoint
 from mia.io.records import save_records
-from mia.devices import resolve_device
+from mia.devices import ieee_fp32, resolve_device
 from mia.errors import MIAError
 from mia.io.fashion_mnist import (
     FMNIST_MEAN,
@@ -256,9 +256,10 @@ def split_indices(config: DemoConfig, arch: str, pool_size: int = POOL_SIZE) -> 
 
 @torch.no_grad()
 def _logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
-    """float64 logits (n, C) on the CPU, model in eval mode."""
+    """float64 logits (n, C) on the CPU, model in eval mode, in fp32 as on a CPU (no TF32 on CUDA)."""
     model.eval()
-    parts = [model(images[i : i + batch_size].to(device)).double().cpu() for i in range(0, len(images), batch_size)]
+    with ieee_fp32(device):
+        parts = [model(images[i : i + batch_size].to(device)).double().cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(parts)
 
 

@@ -21,8 +21,8 @@ from mia.io.cache import cache_root
 from mia.io.records import Records, load_records
 from mia.errors import DataError, MIAError
 from mia.models.loading import VictimModelInfo, load_victim_model
-from mia.devices import resolve_device
-from mia.scoring import CPU_FORWARD_IMAGES, VIEW_SETS, ieee_fp32, resolve_precision
+from mia.devices import ieee_fp32, resolve_device
+from mia.scoring import CPU_FORWARD_IMAGES, VIEW_SETS, resolve_precision
 
 __all__ = ["BundleSummary", "VictimSummary", "flops_per_image", "inspect_bundle", "load_victim",
            "format_duration", "measure_seconds_per_image", "summarize_victim", "total_line"]

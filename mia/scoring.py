@@ -8,7 +8,6 @@ them in float64 (mia.core.signals).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mia.devices import resolve_device
+from mia.devices import ieee_fp32, resolve_device
 from mia.io.cache import cached_array, file_digest
 
 CACHE_FORMAT = 2  # bump when the logits a cache file holds would change
@@ -146,35 +145,6 @@ def precision_tag(device: str | torch.device | None, precision: str = "auto", co
     else:
         mode = "fp32-no-tf32" if dev.type == "cuda" else "fp32"
     return f"device={dev.type};{mode}{';compiled' if compile else ''};torch={torch.__version__}"
-
-
-@contextlib.contextmanager
-def ieee_fp32(dev: torch.device, enabled: bool = True):
-    """fp32 as on a CPU while inside: on CUDA, cuDNN's convolutions (and, where enabled, matrix products)
-    otherwise round their inputs to TF32's 10-bit mantissa. Restores the previous settings. A no-op when
-    not ``enabled`` (bf16 autocast: TF32 does not apply) or off CUDA."""
-    if dev.type != "cuda" or not enabled:
-        yield
-        return
-    flags = _fp32_flags()
-    saved = [getattr(owner, name) for owner, name, _ in flags]
-    for owner, name, value in flags:
-        setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        for (owner, name, _), value in zip(flags, saved):
-            setattr(owner, name, value)
-
-
-def _fp32_flags() -> list[tuple[object, str, object]]:
-    """(owner, attribute, value inside ieee_fp32) for the TF32 switches of this torch. From torch 2.9 the
-    ``fp32_precision`` attributes; reading the legacy ``allow_tf32`` flags raises once anything in the
-    process set precision through them, so they are used only where the new ones do not exist."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
-        return [(torch.backends.cuda.matmul, "fp32_precision", "ieee"), (conv, "fp32_precision", "ieee")]
-    return [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
 
 
 def classifier_head(model: torch.nn.Module) -> torch.nn.Linear | None:

@@ -111,25 +111,6 @@ def test_precision_auto_is_fp32_on_every_device(monkeypatch):
         resolve_precision("cpu", "fp16")
 
 
-def test_ieee_fp32_turns_tf32_off_on_cuda_and_restores_it():
-    from mia.scoring import ieee_fp32
-
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = matmul.fp32_precision, conv.fp32_precision
-    # set through torch's new API, after which reading the legacy allow_tf32 flags raises
-    matmul.fp32_precision, conv.fp32_precision = "none", "tf32"
-    try:
-        with ieee_fp32(torch.device("cuda")):  # the flags only: settable without a GPU
-            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
-        assert (matmul.fp32_precision, conv.fp32_precision) == ("none", "tf32")  # restored exactly
-        with ieee_fp32(torch.device("cpu")):  # nothing to change on the CPU
-            assert conv.fp32_precision == "tf32"
-        with ieee_fp32(torch.device("cuda"), enabled=False):  # bf16 autocast: TF32 does not apply
-            assert conv.fp32_precision == "tf32"
-    finally:
-        matmul.fp32_precision, conv.fp32_precision = before
-
-
 def test_scoring_leaves_the_model_trainable():
     """compute_logits moves the model outside inference mode: its parameters stay normal tensors, so the
     caller can train it or load weights into it afterwards."""
