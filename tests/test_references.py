@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pickle
 
@@ -296,6 +297,58 @@ def test_distilled_references_train_on_the_population_only(bundle, tmp_path):
     meta = json.loads((ref_set.folder / "model_000.json").read_text())
     assert (meta["n_in"], meta["n_out"]) == (20, 64)
     assert ref_set.load_pool().n_population == 20  # the pool is read back as it was trained on
+
+
+def test_a_distilled_set_grows_and_keeps_its_models(bundle, tmp_path):
+    victim = bundle.victims[0]
+    _write_population(tmp_path / "pop.p", n=20, with_membership=False)
+    recipe = ReferenceRecipe(k=1, epochs=1, batch_size=16, device="cpu", distill=True)
+    grow = {"population": tmp_path / "pop.p", "progress": False, "references_root": tmp_path / "refs"}
+    one = train_references(bundle.root, victim, recipe, **grow)
+    first = (one.folder / "model_000.pth").read_bytes()
+    two = train_references(bundle.root, victim, ReferenceRecipe(k=2, epochs=1, batch_size=16, device="cpu",
+                                                                distill=True), **grow)
+    assert two.trained == (1,) and two.complete == (0, 1) and two.k == 2 and two.fingerprint == one.fingerprint
+    assert (two.folder / "model_000.pth").read_bytes() == first  # model 0 is not trained again
+    assert two.masks.shape == (2, 84) and not two.masks[:, :64].any() and two.masks[:, 64:].all()
+    at_once = train_references(bundle.root, victim, ReferenceRecipe(k=2, epochs=1, batch_size=16, device="cpu",
+                                                                    distill=True), **{**grow, "references_root": tmp_path})
+    assert _manifest(at_once.folder) == _manifest(two.folder)  # grown = trained at once
+    for j in range(2):
+        a = torch.load(two.model_path(j), weights_only=True)["net"]
+        b = torch.load(at_once.model_path(j), weights_only=True)["net"]
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    back = train_references(bundle.root, victim, recipe, **grow)  # a smaller k trains nothing, keeps both
+    assert back.trained == () and back.complete == (0, 1) and back.k == 2
+    assert _manifest(back.folder)["k"] == 2 and _manifest(back.folder)["missing"] == []
+    with pytest.raises(MIAError, match=r"epochs 1 -> 2"):  # any other change is still another recipe
+        train_references(bundle.root, victim, ReferenceRecipe(k=3, epochs=2, batch_size=16, device="cpu",
+                                                              distill=True), **grow)
+
+
+def test_a_distilled_set_fingerprinted_with_its_k_is_adopted(bundle, tmp_path):
+    """Distilled sets written before they could grow had k in their fingerprint; they grow all the same."""
+    victim = bundle.victims[0]
+    _write_population(tmp_path / "pop.p", n=20, with_membership=False)
+    grow = {"population": tmp_path / "pop.p", "progress": False, "references_root": tmp_path / "refs"}
+    one = train_references(bundle.root, victim, ReferenceRecipe(k=1, epochs=1, batch_size=16, device="cpu",
+                                                                distill="labels"), **grow)
+    manifest = json.loads((one.folder / "manifest.json").read_text())
+    recipe = dict(manifest["recipe"])
+    key = {"format": manifest["format"], "recipe": recipe, "arch": manifest["arch"],
+           "num_classes": manifest["num_classes"], "victim_sha256": manifest["victim_checkpoint"]["sha256"],
+           "pool": [[s["role"], s["sha256"], s["n"]] for s in manifest["pool"]["sources"]]}
+    earlier = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()  # with "k": 1, as written then
+    assert recipe["k"] == 1 and earlier != one.fingerprint
+    for name in ("manifest.json", "model_000.json"):
+        data = json.loads((one.folder / name).read_text())
+        (one.folder / name).write_text(json.dumps({**data, "fingerprint": earlier}))
+    assert load_reference_set(bundle.root, victim, references_root=tmp_path / "refs",
+                              distill="labels").complete == (0,)  # a run reads it as it is
+    two = train_references(bundle.root, victim, ReferenceRecipe(k=2, epochs=1, batch_size=16, device="cpu",
+                                                                distill="labels"), **grow)
+    assert two.trained == (1,) and two.complete == (0, 1) and two.fingerprint == one.fingerprint
+    assert json.loads((one.folder / "model_000.json").read_text())["fingerprint"] == one.fingerprint
 
 
 def test_cli_distill_needs_a_population(bundle, capsys):

@@ -23,7 +23,8 @@ def add_parser(subparsers) -> object:
     add_bundle_option(p)
     add_victims_option(p)
     p.add_argument("--k", type=int, default=defaults.k,
-                   help=f"number of reference models: 1, or even (default {defaults.k}); any with --distill")
+                   help=f"number of reference models: 1, or even (default {defaults.k}); any with --distill, where a "
+                        "larger --k grows the set (only the new models train)")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")

@@ -68,21 +68,12 @@ def _read_json(path: Path) -> dict | None:
 
 def make_header(victim: Victim, recipe: ReferenceRecipe, pool: Pool, num_classes: int, width: int | None,
             architecture: Architecture, bundle_root: Path) -> dict:
-    """What the folder's models were trained from; ``fingerprint`` covers all of it but paths and device."""
+    """What the folder's models were trained from; ``fingerprint`` covers all of it but paths and device, and
+    but ``k`` for a distilled set (its models are alike whatever their number, so the set can grow)."""
     training = {k: v for k, v in recipe.to_dict().items() if k != "device"}
     training["width"] = None if width is None else int(width)
-    key = {
+    header = {
         "format": REFERENCES_FORMAT,
-        "recipe": training,
-        "arch": victim.arch,
-        "num_classes": int(num_classes),
-        "pool": [[s["role"], s["sha256"], s["n"]] for s in pool.sources],
-        "victim_sha256": file_digest(victim.checkpoint),
-    }
-    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return {
-        "format": REFERENCES_FORMAT,
-        "fingerprint": fingerprint,
         "victim": victim.name,
         "arch": victim.arch,
         "num_classes": int(num_classes),
@@ -98,10 +89,54 @@ def make_header(victim: Victim, recipe: ReferenceRecipe, pool: Pool, num_classes
             "n_population": pool.n_population,
             "sources": pool.sources,
         },
-        "victim_checkpoint": {"path": relative_path(victim.checkpoint, bundle_root), "sha256": key["victim_sha256"]},
+        "victim_checkpoint": {"path": relative_path(victim.checkpoint, bundle_root),
+                              "sha256": file_digest(victim.checkpoint)},
         "architecture_file": _architecture_source(architecture, bundle_root),
         "masks_file": "masks.npy",
     }
+    header["fingerprint"] = _fingerprint(header, with_k=not recipe.distilled)
+    return header
+
+
+def _fingerprint(header: dict, *, with_k: bool) -> str:
+    """The digest of the recipe (without ``k`` unless ``with_k``), architecture, class count, pool files and
+    victim checkpoint of ``header``."""
+    recipe = {name: value for name, value in header["recipe"].items() if with_k or name != "k"}
+    key = {
+        "format": header["format"],
+        "recipe": recipe,
+        "arch": header["arch"],
+        "num_classes": header["num_classes"],
+        "pool": [[s["role"], s["sha256"], s["n"]] for s in header["pool"]["sources"]],
+        "victim_sha256": header["victim_checkpoint"]["sha256"],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def adopt_earlier_distilled(folder: Path, header: dict) -> None:
+    """A distilled set written before distilled sets could grow has ``k`` in its fingerprint: when that is its
+    only difference from ``header`` (a distilled recipe's), its models' .json files and manifest take
+    ``header``'s fingerprint, so that the set is this recipe's and can grow. Idempotent; anything else is
+    left for check_compatible to judge."""
+    old = _read_json(folder / "manifest.json")
+    if old is None or old.get("fingerprint") == header["fingerprint"] or not isinstance(old.get("k"), int):
+        return
+    earlier = _fingerprint({**header, "recipe": {**header["recipe"], "k": old["k"]}}, with_k=True)
+    if old["fingerprint"] != earlier:
+        return
+    for path in sorted(folder.glob("model_*.json")):  # the models first: an interrupted adoption resumes
+        meta = _read_json(path)
+        if meta is not None and meta.get("fingerprint") == earlier:
+            write_json(path, {**meta, "fingerprint": header["fingerprint"]})
+    write_json(folder / "manifest.json", {**old, "fingerprint": header["fingerprint"]})
+
+
+def grown_size(folder: Path, k: int, fingerprint: str) -> int:
+    """The size of a distilled set asked for with ``k`` models: ``k``, or more where the folder already holds
+    models of this fingerprint beyond k-1 (a smaller --k keeps them)."""
+    indices = [meta.get("index") for meta in map(_read_json, folder.glob("model_*.json"))
+               if meta is not None and meta.get("fingerprint") == fingerprint]
+    return max([k] + [j + 1 for j in indices if isinstance(j, int) and j >= 0])
 
 
 def _architecture_source(architecture: Architecture, bundle_root: Path) -> dict:
@@ -204,7 +239,10 @@ def check_compatible(folder: Path, header: dict, masks: np.ndarray) -> None:
             existing = np.load(masks_path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise MIAError(f"{masks_path}: unreadable ({e}); delete the folder to start over") from e
-        if existing.shape != masks.shape or not np.array_equal(existing, masks):
+        same = (existing.shape[1:] == masks.shape[1:] and bool((existing == masks[:1]).all())
+                if header["recipe"].get("distill") else  # every row alike, whatever k (distill_masks)
+                existing.shape == masks.shape and np.array_equal(existing, masks))
+        if not same:
             raise MIAError(f"{masks_path}: masks differ from those of this recipe and pool; delete the folder "
                            "to start over")
 

@@ -1,6 +1,7 @@
 """Training a victim's reference models: resumable, sharded, each model written atomically."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -22,8 +23,10 @@ from mia.references.recipe import ReferenceRecipe
 from mia.references.store import (
     REFERENCES_FORMAT,
     ReferenceSet,
+    adopt_earlier_distilled,
     check_compatible,
     default_arch_dirs,
+    grown_size,
     load_reference_set,
     make_header,
     model_files,
@@ -95,7 +98,8 @@ def train_references(
     stay, and a later call resumes). ``recipe.distill`` (POSTERIORS or LABELS): every model trains on all
     the population records (none of eval or test) towards the victim's posteriors or predicted labels
     (mia.training.train_classifier's teacher), in the victim's folder + Distill.suffix (beside the other
-    reference models; a run uses every set).
+    reference models; a run uses every set). A distilled set grows: ``k`` beyond the models on disk trains
+    the missing ones (model j is the same whatever k), a smaller ``k`` keeps all that are there.
     Raises MIAError when the folder holds models of another recipe or pool, or a distilled recipe has no
     population records.
     """
@@ -115,19 +119,26 @@ def train_references(
     width = recipe.width or architecture.width
     pool = load_pool(victim, population, num_classes=num_classes, bundle_root=bundle_root,
                      cache_dir=cache_root(cache_dir))
-    masks = distill_masks(recipe.k, pool) if recipe.distilled else make_masks(recipe.k, pool.n, recipe.seed)
-    header = make_header(victim, recipe, pool, num_classes, width, architecture, bundle_root)
-
     folder = references_folder(bundle_root, victim, references_root, distill=recipe.distill)
     folder.mkdir(parents=True, exist_ok=True)
+    asked = recipe.k
+    header = make_header(victim, recipe, pool, num_classes, width, architecture, bundle_root)
+    if recipe.distilled:  # a distilled set grows (and a smaller k keeps the models it has)
+        adopt_earlier_distilled(folder, header)
+        recipe = dataclasses.replace(recipe, k=grown_size(folder, recipe.k, header["fingerprint"]))
+        header = make_header(victim, recipe, pool, num_classes, width, architecture, bundle_root)
+        masks = distill_masks(recipe.k, pool)
+    else:
+        masks = make_masks(recipe.k, pool.n, recipe.seed)
     check_compatible(folder, header, masks)
-    if not (folder / "masks.npy").is_file():
-        atomic_save_npy(folder / "masks.npy", masks)
+    masks_path = folder / "masks.npy"
+    if not masks_path.is_file() or np.load(masks_path, allow_pickle=False).shape != masks.shape:
+        atomic_save_npy(masks_path, masks)  # a distilled set's rows when it grows
     complete, _ = scan_models(folder, recipe.k, header["fingerprint"])
     write_manifest(folder, header, complete)
 
     device = resolve_device(recipe.device)
-    wanted = set(range(recipe.k)) if only is None else set(only)
+    wanted = set(range(asked)) if only is None else set(only)
     todo = [j for j in range(recipe.k) if j % n_shard == i_shard and j not in complete and j in wanted]
     # the victim itself only where a distilled model is trained (a merge, only=(), builds nothing)
     teacher = load_into(architecture, state_dict, victim.checkpoint) if recipe.distilled and todo else None
