@@ -68,8 +68,8 @@ def _read_json(path: Path) -> dict | None:
 
 def make_header(victim: Victim, recipe: ReferenceRecipe, pool: Pool, num_classes: int, width: int | None,
             architecture: Architecture, bundle_root: Path) -> dict:
-    """What the folder's models were trained from; ``fingerprint`` covers all of it but paths and device, and
-    but ``k`` for a distilled set (its models are alike whatever their number, so the set can grow)."""
+    """What the folder's models were trained from; ``fingerprint`` covers all of it but paths and device (and,
+    for a distilled set, ``k``: its models are alike whatever their number, so the set can grow)."""
     training = {k: v for k, v in recipe.to_dict().items() if k != "device"}
     training["width"] = None if width is None else int(width)
     header = {
