@@ -219,8 +219,9 @@ def _describe_difference(old: dict, new: dict) -> str:
     return "; ".join(diffs) or "fingerprints differ"
 
 
-def check_compatible(folder: Path, header: dict, masks: np.ndarray) -> None:
-    """Raise MIAError when ``folder`` holds models or masks of another recipe or pool."""
+def check_compatible(folder: Path, header: dict, masks: np.ndarray) -> bool:
+    """Raise MIAError when ``folder`` holds models or masks of another recipe or pool; else whether its masks
+    file is to be written (none yet, or a distilled set's of another size)."""
     old = _read_json(folder / "manifest.json")
     if old is not None and old.get("fingerprint") != header["fingerprint"]:
         raise MIAError(
@@ -234,17 +235,19 @@ def check_compatible(folder: Path, header: dict, masks: np.ndarray) -> None:
             "folder to start over"
         )
     masks_path = folder / "masks.npy"
-    if masks_path.is_file():
-        try:
-            existing = np.load(masks_path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise MIAError(f"{masks_path}: unreadable ({e}); delete the folder to start over") from e
-        same = (existing.shape[1:] == masks.shape[1:] and bool((existing == masks[:1]).all())
-                if header["recipe"].get("distill") else  # every row alike, whatever k (distill_masks)
-                existing.shape == masks.shape and np.array_equal(existing, masks))
-        if not same:
-            raise MIAError(f"{masks_path}: masks differ from those of this recipe and pool; delete the folder "
-                           "to start over")
+    if not masks_path.is_file():
+        return True
+    try:
+        existing = np.load(masks_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise MIAError(f"{masks_path}: unreadable ({e}); delete the folder to start over") from e
+    same = (existing.shape[1:] == masks.shape[1:] and bool((existing == masks[:1]).all())
+            if header["recipe"].get("distill") else  # every row alike, whatever k (distill_masks)
+            existing.shape == masks.shape and np.array_equal(existing, masks))
+    if not same:
+        raise MIAError(f"{masks_path}: masks differ from those of this recipe and pool; delete the folder "
+                       "to start over")
+    return existing.shape != masks.shape
 
 
 @dataclass

@@ -123,17 +123,15 @@ def train_references(
     folder.mkdir(parents=True, exist_ok=True)
     asked = recipe.k
     header = make_header(victim, recipe, pool, num_classes, width, architecture, bundle_root)
-    if recipe.distilled:  # a distilled set grows (and a smaller k keeps the models it has)
+    if recipe.distilled:  # a distilled set grows (and a smaller k keeps the models it has); k is not fingerprinted
         adopt_earlier_distilled(folder, header)
         recipe = dataclasses.replace(recipe, k=grown_size(folder, recipe.k, header["fingerprint"]))
-        header = make_header(victim, recipe, pool, num_classes, width, architecture, bundle_root)
+        header = {**header, "k": recipe.k, "recipe": {**header["recipe"], "k": recipe.k}}
         masks = distill_masks(recipe.k, pool)
     else:
         masks = make_masks(recipe.k, pool.n, recipe.seed)
-    check_compatible(folder, header, masks)
-    masks_path = folder / "masks.npy"
-    if not masks_path.is_file() or np.load(masks_path, allow_pickle=False).shape != masks.shape:
-        atomic_save_npy(masks_path, masks)  # a distilled set's rows when it grows
+    if check_compatible(folder, header, masks):
+        atomic_save_npy(folder / "masks.npy", masks)
     complete, _ = scan_models(folder, recipe.k, header["fingerprint"])
     write_manifest(folder, header, complete)
 
